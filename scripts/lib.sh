@@ -71,13 +71,13 @@ newest_pkg() {
 ensure_kernel_headers() {
     local rel; rel=$(uname -r)
     [ -e "/lib/modules/$rel/build/include" ] && { say "kernel headers: matching ($rel)"; return 0; }
-    if pkg_available "linux-headers-$rel"; then
-        apt_install "linux-headers-$rel"
-        return 0
-    fi
     local tree="$CACHE_DIR/kheaders/$rel"
     if [ -f "$tree/.memcgscope-source" ]; then
         say "kernel headers: fallback tree $tree ($(cat "$tree/.memcgscope-source"))"
+        return 0
+    fi
+    if pkg_available "linux-headers-$rel"; then
+        apt_install "linux-headers-$rel"
         return 0
     fi
     ensure_backports

@@ -1,0 +1,145 @@
+"""A small reader of the kernel's BTF (/sys/kernel/btf/vmlinux).
+
+Two uses: the BTF id of a function (what an fentry program attaches to),
+and struct field offsets of the *running* kernel, for BPF programs compiled
+against headers of another version (real-kernels.md §3). Format: the
+kernel's Documentation/bpf/btf.rst; only what those uses need is decoded.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+__all__ = ["BTF", "BTFError", "Member"]
+
+BTF_MAGIC = 0xEB9F
+
+# kinds (include/uapi/linux/btf.h)
+INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF = 1, 2, 3, 4, 5, 6, 7, 8
+VOLATILE, CONST, RESTRICT, FUNC, FUNC_PROTO, VAR, DATASEC = 9, 10, 11, 12, 13, 14, 15
+FLOAT, DECL_TAG, TYPE_TAG, ENUM64 = 16, 17, 18, 19
+
+# bytes that follow the 12-byte common header, per kind: (fixed, per vlen item)
+_TRAILER = {
+    INT: (4, 0), ARRAY: (12, 0), STRUCT: (0, 12), UNION: (0, 12), ENUM: (0, 8),
+    FUNC_PROTO: (0, 8), VAR: (4, 0), DATASEC: (0, 12), DECL_TAG: (4, 0), ENUM64: (0, 12),
+}
+_MODIFIERS = {TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG}
+
+
+class BTFError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    type_id: int
+    bit_offset: int
+
+
+class BTF:
+    def __init__(self, data: bytes, source: str = "BTF"):
+        if len(data) < 24:
+            raise BTFError(f"{source}: too short to be BTF")
+        magic, _version, _flags, hdr_len = struct.unpack_from("<HBBI", data, 0)
+        if magic != BTF_MAGIC:
+            raise BTFError(f"{source}: bad magic {magic:#x}; expected a BTF blob")
+        type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
+        self._strings = data[hdr_len + str_off: hdr_len + str_off + str_len]
+        self._data = data
+        # index -> (name_off, kind, vlen, kind_flag, size_or_type, trailer offset)
+        self._types: list[tuple[int, int, int, int, int, int]] = [(0, 0, 0, 0, 0, 0)]
+        self._by_name: dict[str, list[int]] = {}
+        pos, end = hdr_len + type_off, hdr_len + type_off + type_len
+        while pos < end:
+            name_off, info, size_or_type = struct.unpack_from("<III", data, pos)
+            kind, vlen, kflag = (info >> 24) & 0x1F, info & 0xFFFF, info >> 31
+            fixed, per_item = _TRAILER.get(kind, (0, 0))
+            self._types.append((name_off, kind, vlen, kflag, size_or_type, pos + 12))
+            pos += 12 + fixed + per_item * vlen
+        self._source = source
+
+    @classmethod
+    def from_file(cls, path: str = "/sys/kernel/btf/vmlinux") -> "BTF":
+        try:
+            with open(path, "rb") as f:
+                return cls(f.read(), source=path)
+        except OSError as e:
+            raise BTFError(f"{path}: {e.strerror}; the kernel needs CONFIG_DEBUG_INFO_BTF=y") from e
+
+    def _name(self, off: int) -> str:
+        end = self._strings.index(b"\0", off)
+        return self._strings[off:end].decode()
+
+    def _index_names(self) -> None:
+        if self._by_name:
+            return
+        for type_id in range(1, len(self._types)):
+            name_off = self._types[type_id][0]
+            if name_off:
+                self._by_name.setdefault(self._name(name_off), []).append(type_id)
+
+    def find(self, name: str, kind: int) -> int | None:
+        self._index_names()
+        for type_id in self._by_name.get(name, ()):
+            if self._types[type_id][1] == kind:
+                return type_id
+        return None
+
+    def func_id(self, name: str) -> int | None:
+        return self.find(name, FUNC)
+
+    def members(self, type_id: int) -> list[Member]:
+        _, kind, vlen, kflag, _, trailer = self._types[type_id]
+        if kind not in (STRUCT, UNION):
+            raise BTFError(f"{self._source}: type {type_id} is not a struct or union")
+        out = []
+        for i in range(vlen):
+            name_off, mtype, offset = struct.unpack_from("<III", self._data, trailer + 12 * i)
+            bit_offset = offset & 0xFFFFFF if kflag else offset
+            out.append(Member(self._name(name_off) if name_off else "", mtype, bit_offset))
+        return out
+
+    def _resolve(self, type_id: int) -> int:
+        while self._types[type_id][1] in _MODIFIERS:
+            type_id = self._types[type_id][4]
+        return type_id
+
+    def pointee(self, type_id: int) -> int:
+        type_id = self._resolve(type_id)
+        if self._types[type_id][1] != PTR:
+            raise BTFError(f"{self._source}: type {type_id} is not a pointer")
+        return self._resolve(self._types[type_id][4])
+
+    def offsetof(self, struct_name: str, path: str) -> int:
+        """Byte offset of a dotted member path inside a struct, through
+        embedded (not pointed-to) members and anonymous unions:
+        offsetof("mem_cgroup", "memory.usage")."""
+        type_id = self.find(struct_name, STRUCT)
+        if type_id is None:
+            raise BTFError(f"{self._source}: no struct {struct_name}")
+        total_bits = 0
+        for part in path.split("."):
+            found = self._find_member(type_id, part)
+            if found is None:
+                raise BTFError(f"{self._source}: struct {struct_name} has no member {path!r}")
+            bits, type_id = found
+            total_bits += bits
+            type_id = self._resolve(type_id)
+        if total_bits % 8:
+            raise BTFError(f"{self._source}: {struct_name}.{path} is a bit field")
+        return total_bits // 8
+
+    def _find_member(self, type_id: int, name: str) -> tuple[int, int] | None:
+        for m in self.members(type_id):
+            if m.name == name:
+                return m.bit_offset, m.type_id
+            if not m.name:  # anonymous struct/union: look inside
+                inner = self._resolve(m.type_id)
+                if self._types[inner][1] in (STRUCT, UNION):
+                    found = self._find_member(inner, name)
+                    if found is not None:
+                        return m.bit_offset + found[0], found[1]
+        return None

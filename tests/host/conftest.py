@@ -1,0 +1,20 @@
+"""tests/host: root on this machine's own kernel. Without root the tests
+fail with the fix; they are never skipped (design.md §5)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "tests/host" in str(item.fspath):
+            item.add_marker(pytest.mark.host)
+
+
+@pytest.fixture(autouse=True)
+def _needs_root():
+    if os.geteuid() != 0:
+        pytest.fail("tests/host needs root (BPF, tracefs, cgroupfs); run as root: sudo .venv/bin/pytest tests/host")
