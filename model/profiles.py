@@ -1,0 +1,146 @@
+"""Kernel profiles: what differs between the versions the model follows.
+
+Every fact here comes from ``kernel-charge-path.md`` §1.  A profile is data;
+the code that reads a field says which versions it follows.  Names:
+``5.10`` (5.10.80+ stable, the passed_oom form), ``5.10.0`` (5.10.0–5.10.5x:
+dying tasks force early, OOM_FAILED forces), ``5.15``, ``6.1``, ``6.6``,
+``6.12``, ``6.18``.  ``get_profile("6.1.166")`` maps a full release to its
+profile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+__all__ = ["Profile", "PROFILES", "get_profile"]
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    #: MEMCG_CHARGE_BATCH
+    charge_batch: int
+    #: stock slots per CPU (NR_MEMCG_STOCK on 6.18; one cached memcg before)
+    stock_slots: int
+    #: the charge core's name (the probe symbol)
+    charge_core: str
+    #: __GFP_ATOMIC exists (5.10 .. 6.1)
+    has_gfp_atomic: bool
+    #: __GFP_ATOMIC → force, before reclaim (≤ 6.0)
+    force_on_gfp_atomic: bool
+    #: dying task forces at once, no reclaim; OOM_FAILED forces (5.10.0–5.10.5x)
+    early_dying_force: bool
+    #: __GFP_NOFAIL forces after the retries, skipping OOM (5.10)
+    nofail_forces_before_oom: bool
+    #: at nomem, __GFP_HIGH forces like NOFAIL (≥ 6.1)
+    nomem_forces_on_high: bool
+    #: a forced charge raises one ``max`` event if none was raised (≥ 6.1)
+    forced_charge_raises_max: bool
+    #: memcg_nr_pages_over_high > BATCH → handle_over_high inside try_charge (≥ 6.1)
+    sync_high_reclaim: bool
+    #: mem_cgroup_wait_acct_move in the retry loop (≤ 6.12)
+    charge_move_wait: bool
+    #: batch = nr when the gfp has no reclaim bits (6.18)
+    batch_is_nr_without_reclaim: bool
+    #: mem_cgroup_out_of_memory: task_is_dying() || out_of_memory() (≤ 6.14)
+    oom_dying_shortcut: bool
+    #: mem_cgroup_oom returns enum oom_status (5.10, 5.15) or bool (≥ 6.1)
+    oom_returns_enum: bool
+    #: page_counter local_watermark (≥ 6.12)
+    local_watermark: bool
+    #: page_counter track_failcnt, set only on v1 ``memory`` (6.18)
+    track_failcnt: bool
+    #: page_counter_cancel clamps a negative usage to 0 (≥ 5.15)
+    uncharge_clamps: bool
+    #: page_counter_set_max succeeds when new ≥ old even if usage grew (≥ 6.1)
+    set_max_enlarge_ok: bool
+    #: O_NONBLOCK on memory.max / memory.high writes skips reclaim (6.18)
+    nonblock_limit_writes: bool
+    #: try_to_free_mem_cgroup_pages 4th argument: "may_swap" (≤ 5.15),
+    #: "reclaim_options" (6.1, 6.6), "reclaim_options+swappiness" (≥ 6.12)
+    reclaim_signature: str
+    #: memory.events keys, in print order
+    memory_events_keys: tuple[str, ...]
+    #: memory.peak (≥ 6.1), memory.swap.peak (≥ 6.6), per-fd peak reset (≥ 6.12)
+    has_peak: bool
+    has_swap_peak: bool
+    peak_writable: bool
+    #: memory.reclaim (≥ 5.19, so 6.1 here)
+    has_memory_reclaim: bool
+    #: GFP_NOWAIT includes __GFP_NOWARN (6.18)
+    gfp_nowait_has_nowarn: bool
+    #: the v1 memory controller needs CONFIG_MEMCG_V1 (≥ 6.12)
+    v1_needs_config: bool
+
+    @property
+    def batch(self) -> int:
+        return self.charge_batch
+
+
+_EVENTS_5 = ("low", "high", "max", "oom", "oom_kill")
+_EVENTS_6 = _EVENTS_5 + ("oom_group_kill",)
+
+_P_5_10 = Profile(
+    name="5.10", charge_batch=32, stock_slots=1, charge_core="try_charge",
+    has_gfp_atomic=True, force_on_gfp_atomic=True, early_dying_force=False,
+    nofail_forces_before_oom=True, nomem_forces_on_high=False,
+    forced_charge_raises_max=False, sync_high_reclaim=False, charge_move_wait=True,
+    batch_is_nr_without_reclaim=False, oom_dying_shortcut=True, oom_returns_enum=True,
+    local_watermark=False, track_failcnt=False, uncharge_clamps=False,
+    set_max_enlarge_ok=False, nonblock_limit_writes=False, reclaim_signature="may_swap",
+    memory_events_keys=_EVENTS_5, has_peak=False, has_swap_peak=False,
+    peak_writable=False, has_memory_reclaim=False, gfp_nowait_has_nowarn=False,
+    v1_needs_config=False,
+)
+_P_5_15 = replace(_P_5_10, name="5.15", charge_core="try_charge_memcg",
+                  nofail_forces_before_oom=False, uncharge_clamps=True)
+_P_6_1 = replace(_P_5_15, name="6.1", charge_batch=64, force_on_gfp_atomic=False,
+                 nomem_forces_on_high=True, forced_charge_raises_max=True,
+                 sync_high_reclaim=True, oom_returns_enum=False, set_max_enlarge_ok=True,
+                 reclaim_signature="reclaim_options", memory_events_keys=_EVENTS_6,
+                 has_peak=True, has_memory_reclaim=True)
+_P_6_6 = replace(_P_6_1, name="6.6", has_gfp_atomic=False, has_swap_peak=True)
+_P_6_12 = replace(_P_6_6, name="6.12", local_watermark=True, peak_writable=True,
+                  reclaim_signature="reclaim_options+swappiness", v1_needs_config=True)
+_P_6_18 = replace(_P_6_12, name="6.18", stock_slots=7, charge_move_wait=False,
+                  batch_is_nr_without_reclaim=True, oom_dying_shortcut=False,
+                  track_failcnt=True, nonblock_limit_writes=True,
+                  memory_events_keys=_EVENTS_6 + ("sock_throttled",),
+                  gfp_nowait_has_nowarn=True)
+_P_5_10_0 = replace(_P_5_10, name="5.10.0", early_dying_force=True)
+
+PROFILES: dict[str, Profile] = {p.name: p for p in (
+    _P_5_10_0, _P_5_10, _P_5_15, _P_6_1, _P_6_6, _P_6_12, _P_6_18)}
+
+
+def get_profile(name: str | Profile) -> Profile:
+    """A profile by name (``"6.1"``) or full release (``"6.1.0-18-amd64"``).
+
+    5.10.0–5.10.59 map to ``5.10.0``, 5.10.80+ to ``5.10``; the releases in
+    between were not read, so they are refused.
+    """
+    if isinstance(name, Profile):
+        return name
+    text = str(name).strip()
+    if text in PROFILES:
+        return PROFILES[text]
+    head = text.split("-")[0].split("+")[0]
+    parts = head.split(".")
+    try:
+        nums = [int(x) for x in parts[:3]]
+    except ValueError:
+        nums = []
+    if len(nums) >= 2:
+        family = f"{nums[0]}.{nums[1]}"
+        sub = nums[2] if len(nums) > 2 else None
+        if family == "5.10" and sub is not None:
+            if sub < 60:
+                return PROFILES["5.10.0"]
+            if sub >= 80:
+                return PROFILES["5.10"]
+            raise ValueError(f"kernel {text}: 5.10.60–5.10.79 were not read; "
+                             f"use profile '5.10.0' or '5.10'")
+        if family in PROFILES:
+            return PROFILES[family]
+    known = ", ".join(PROFILES)
+    raise ValueError(f"unknown kernel profile {text!r}; use one of {known}")

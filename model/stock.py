@@ -1,0 +1,156 @@
+"""The per-cpu charge stock (``memcg_stock_pcp``): consume_stock,
+refill_stock, drain_stock, drain_all_stock.
+
+≤ 6.14: one cached memcg and a page count per CPU.  6.18: NR_MEMCG_STOCK = 7
+slots per CPU.  The 6.18 ``local_trylock`` can only fail when a charge
+interrupts another on the same CPU, which the model does not interleave, so
+it always succeeds here.
+"""
+
+from __future__ import annotations
+
+from .steps import DrainWork, StockDrain
+
+__all__ = ["PerCpuStock", "consume_stock", "refill_stock", "drain_stock",
+           "drain_local_stock", "drain_all_stock", "stocked_pages"]
+
+
+class PerCpuStock:
+    __slots__ = ("cpu", "memcgs", "nr_pages")
+
+    def __init__(self, cpu: int, slots: int):
+        self.cpu = cpu
+        self.memcgs = [None] * slots
+        self.nr_pages = [0] * slots
+
+    def slot_of(self, memcg) -> int:
+        for i, m in enumerate(self.memcgs):
+            if m is memcg:
+                return i
+        return -1
+
+    def pages_of(self, memcg) -> int:
+        i = self.slot_of(memcg)
+        return self.nr_pages[i] if i >= 0 else 0
+
+
+def stocked_pages(kernel, memcg) -> int:
+    """Pages of ``memcg`` (itself only) held in all CPUs' stocks."""
+    return sum(s.pages_of(memcg) for s in kernel.stocks)
+
+
+def consume_stock(kernel, memcg, nr_pages: int, cpu: int) -> bool:
+    """Take ``nr_pages`` from this CPU's stock if it caches ``memcg`` with
+    enough pages.  ``nr_pages > BATCH`` never hits (no slot holds more)."""
+    if nr_pages > kernel.profile.charge_batch:
+        return False
+    stock = kernel.stocks[cpu]
+    i = stock.slot_of(memcg)
+    if i < 0 or stock.nr_pages[i] < nr_pages:
+        return False
+    stock.nr_pages[i] -= nr_pages
+    return True
+
+
+def drain_stock(kernel, stock: PerCpuStock, i: int, reason: str, steps) -> int:
+    """Give slot ``i`` back: uncharge its pages from memory (and memsw)."""
+    memcg, nr = stock.memcgs[i], stock.nr_pages[i]
+    if memcg is not None and nr:
+        memcg.memory.uncharge(nr)
+        if memcg.memsw is not None:
+            memcg.memsw.uncharge(nr)
+        if steps is not None:
+            steps.append(StockDrain(memcg.path, stock.cpu, nr, reason))
+    stock.memcgs[i] = None
+    stock.nr_pages[i] = 0
+    return nr
+
+
+def _uncharge_direct(kernel, memcg, nr, cpu, steps):
+    memcg.memory.uncharge(nr)
+    if memcg.memsw is not None:
+        memcg.memsw.uncharge(nr)
+    if steps is not None:
+        steps.append(StockDrain(memcg.path, cpu, nr, "direct"))
+
+
+def refill_stock(kernel, memcg, nr_pages: int, cpu: int, steps) -> None:
+    """Put ``nr_pages`` (already charged to the counters) in this CPU's stock.
+
+    ≤ 6.14 (one slot): a different cached memcg is drained first; above
+    BATCH the whole stock is drained.
+    6.18 (seven slots): above BATCH uncharge directly; a slot already
+    holding ``memcg`` grows and is drained alone above BATCH; otherwise an
+    empty slot is used or one picked at random (``kernel.evict_slot``) is
+    drained and reused.
+    """
+    batch = kernel.profile.charge_batch
+    stock = kernel.stocks[cpu]
+    if kernel.profile.stock_slots == 1:
+        if stock.memcgs[0] is not memcg:
+            drain_stock(kernel, stock, 0, "refill", steps)
+            stock.memcgs[0] = memcg
+        stock.nr_pages[0] += nr_pages
+        if stock.nr_pages[0] > batch:
+            drain_stock(kernel, stock, 0, "overflow", steps)
+        return
+    if nr_pages > batch:
+        _uncharge_direct(kernel, memcg, nr_pages, cpu, steps)
+        return
+    i = stock.slot_of(memcg)
+    if i >= 0:
+        stock.nr_pages[i] += nr_pages
+        if stock.nr_pages[i] > batch:
+            drain_stock(kernel, stock, i, "overflow", steps)
+        return
+    empty = [j for j, m in enumerate(stock.memcgs) if m is None]
+    if empty:
+        i = empty[0]
+    else:
+        i = kernel.evict_slot(cpu, len(stock.memcgs))
+        drain_stock(kernel, stock, i, "evict", steps)
+    stock.memcgs[i] = memcg
+    stock.nr_pages[i] = nr_pages
+
+
+def drain_local_stock(kernel, cpu: int, reason: str, steps) -> int:
+    stock = kernel.stocks[cpu]
+    return sum(drain_stock(kernel, stock, i, reason, steps) for i in range(len(stock.memcgs)))
+
+
+def _needs_drain(stock: PerCpuStock, root) -> bool:
+    return any(m is not None and n and m.is_descendant(root)
+               for m, n in zip(stock.memcgs, stock.nr_pages))
+
+
+def drain_all_stock(kernel, root, cpu: int, outcome: str, steps) -> int:
+    """drain_all_stock(root) run on ``cpu``.
+
+    CPUs whose stock caches a descendant of ``root`` are drained: this CPU
+    at once, the others by a work item.  ``outcome`` is the interleaving:
+    ``all`` (the work ran before the caller's next check), ``local`` (it
+    runs after the current operation: ``kernel.pending_drains``) or
+    ``skipped`` (percpu_charge_mutex was held by another drain: nothing).
+    A CPU whose work is still pending (FLUSHING_CACHED_CHARGE) is skipped.
+    Returns the pages given back now.
+    """
+    if outcome == "skipped":
+        return 0
+    pages = 0
+    for stock in kernel.stocks:
+        if stock.cpu in kernel.pending_drains or not _needs_drain(stock, root):
+            continue
+        if stock.cpu == cpu or outcome == "all":
+            pages += drain_local_stock(kernel, stock.cpu, "drain_all", steps)
+        else:
+            kernel.pending_drains.add(stock.cpu)
+    return pages
+
+
+def run_pending_drains(kernel, steps) -> None:
+    """The scheduled drain works run (after the operation that queued them)."""
+    for cpu in sorted(kernel.pending_drains):
+        n = drain_local_stock(kernel, cpu, "drain_all", None)
+        if steps is not None:
+            steps.append(DrainWork(cpu, n))
+    kernel.pending_drains.clear()
