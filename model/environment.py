@@ -1,0 +1,237 @@
+"""Layer 2: an approximate world around the exact charge path.
+
+Reclaimable pools per cgroup (page cache, always reclaimable; anon, only
+reclaimable when there is swap and the reclaim may swap), tasks that charge
+page by page as they touch memory, and an OOM killer that picks the biggest
+task inside the cgroup that is over its limit.  It answers the model's
+``reclaim`` and ``oom`` oracles, so a whole workload runs on its own:
+
+    env = Environment(Kernel("6.1", cgroup="v2"), swap_pages=0)
+    a = env.kernel.mkdir("a"); env.kernel.write(a, "memory.max", "30M")
+    env.spawn("t", a); env.touch("t", anon=mib(100))     # → one OOM kill
+
+What it does not try to be: LRU order, dirty/writeback pages, refaults,
+reclaim overshoot, kswapd, slab.  Reclaim frees exactly what it is asked
+for (max(nr, SWAP_CLUSTER_MAX) pages), page cache first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .context import OomOutcome, ReclaimResult, Task
+from .gfp import GFP
+from .page_counter import PAGE_SIZE
+from .vmscan import SWAP_CLUSTER_MAX
+
+__all__ = ["Environment", "SimTask", "TouchResult", "mib"]
+
+
+def mib(n: float) -> int:
+    """Pages in ``n`` MiB."""
+    return int(n * (1 << 20)) // PAGE_SIZE
+
+
+@dataclass
+class SimTask:
+    name: str
+    pid: int
+    cgroup: object
+    anon: int = 0
+    swapped: int = 0
+    alive: bool = True
+    waiting_oom: bool = False
+    task: Task = field(default_factory=Task)
+
+    @property
+    def badness(self) -> int:
+        # oom_badness: rss + swap entries (page tables left out)
+        return self.anon + self.swapped
+
+
+@dataclass
+class TouchResult:
+    """What a touch did: pages charged, every slow-path charge result, the
+    tasks killed, and how it ended: ``done``, ``killed`` (the toucher
+    died), ``stuck`` (its faults kept failing), ``oom_wait`` (v1
+    oom_kill_disable: it sleeps in mem_cgroup_oom_synchronize)."""
+    anon: int = 0
+    file: int = 0
+    charges: int = 0
+    stock_hits: int = 0
+    slow: list = field(default_factory=list)
+    killed: list = field(default_factory=list)
+    end: str = "done"
+
+    @property
+    def reclaims(self) -> int:
+        return sum(len(r.of("reclaim")) for r in self.slow)
+
+
+class Environment:
+    def __init__(self, kernel, swap_pages: int = 0):
+        self.kernel = kernel
+        self.swap_free_pages = swap_pages
+        self.tasks: dict[str, SimTask] = {}
+        self.file: dict = {}    # cgroup -> page-cache pages charged to it
+        self.other: dict = {}   # cgroup -> unreclaimable pages charged by raw charges
+        self._next_pid = 100
+        self.kills: list[str] = []
+
+    # -- tasks ---------------------------------------------------------------------
+
+    def spawn(self, name: str, cgroup) -> SimTask:
+        if name in self.tasks and self.tasks[name].alive:
+            raise ValueError(f"task {name!r} already exists")
+        self._next_pid += 1
+        t = SimTask(name, self._next_pid, cgroup)
+        self.tasks[name] = t
+        return t
+
+    def task(self, name: str) -> SimTask:
+        try:
+            return self.tasks[name]
+        except KeyError:
+            raise KeyError(f"no task {name!r}; spawn it first") from None
+
+    def exit(self, name: str) -> None:
+        """The task exits: its anon pages and swap entries are freed; its
+        page cache stays charged to the cgroup."""
+        t = self.task(name)
+        self._free_task(t)
+        t.alive = False
+
+    def _free_task(self, t: SimTask) -> int:
+        freed = t.anon
+        if t.anon:
+            self.kernel.uncharge(t.cgroup, t.anon)
+        if t.swapped:
+            self.kernel.swap_free(t.cgroup, t.swapped)
+            self.swap_free_pages += t.swapped
+        t.anon = t.swapped = 0
+        return freed
+
+    # -- oracles -------------------------------------------------------------------
+
+    def _swap_room(self, m) -> int:
+        room = self.swap_free_pages
+        if self.kernel.cgroup == "v2":
+            for a in m.ancestors():
+                if a.swap is not None:
+                    room = min(room, max(0, a.swap.max - a.swap.usage))
+        return room
+
+    def reclaim(self, target, nr_pages: int, gfp: int, may_swap: bool = True) -> ReclaimResult:
+        """try_to_free_mem_cgroup_pages: page cache first, then anon to swap."""
+        want = max(nr_pages, SWAP_CLUSTER_MAX)
+        by, swapped_by = {}, {}
+        for m in target.subtree():
+            take = min(want, self.file.get(m, 0))
+            if take:
+                self.file[m] -= take
+                by[m] = by.get(m, 0) + take
+                want -= take
+        if want and may_swap:
+            for t in self.tasks.values():
+                if not want:
+                    break
+                if not t.alive or not t.cgroup.is_descendant(target):
+                    continue
+                take = min(want, t.anon, self._swap_room(t.cgroup))
+                if take:
+                    t.anon -= take
+                    t.swapped += take
+                    self.swap_free_pages -= take
+                    by[t.cgroup] = by.get(t.cgroup, 0) + take
+                    swapped_by[t.cgroup] = swapped_by.get(t.cgroup, 0) + take
+                    want -= take
+        freed = sum(by.values())
+        return ReclaimResult(freed, sum(swapped_by.values()), by, swapped_by)
+
+    def oom(self, target, order: int, gfp: int) -> OomOutcome:
+        """out_of_memory() for a memcg OOM: kill the biggest task in ``target``."""
+        victims = [t for t in self.tasks.values()
+                   if t.alive and t.cgroup.is_descendant(target)]
+        if not victims:
+            return OomOutcome(False)
+        victim = max(victims, key=lambda t: (t.badness, -t.pid))
+        victim.alive = False
+        victim.task.dying = True
+        self.kills.append(victim.name)
+        freed = victim.anon
+        victim.anon = 0
+        if victim.swapped:
+            self.kernel.swap_free(victim.cgroup, victim.swapped)
+            self.swap_free_pages += victim.swapped
+            victim.swapped = 0
+        return OomOutcome(True, victim=victim.cgroup, freed=freed)
+
+    # -- workload ------------------------------------------------------------------
+
+    def touch(self, name: str, anon: int = 0, file: int = 0, gfp: int | None = None,
+              cpu: int = 0, max_fault_retries: int = 8) -> TouchResult:
+        """The task touches ``anon`` new anon pages then ``file`` page-cache
+        pages, one fault (one 1-page charge) each.  A failed charge makes
+        the fault retry (pagefault_out_of_memory), up to
+        ``max_fault_retries`` times in a row."""
+        t = self.task(name)
+        gfp = GFP.HIGHUSER_MOVABLE if gfp is None else gfp
+        res = TouchResult()
+        killed_before = len(self.kills)
+        for kind, count in (("anon", anon), ("file", file)):
+            done = 0
+            failures = 0
+            while done < count:
+                if not t.alive:
+                    res.end = "killed"
+                    break
+                r = self.kernel.charge(t.cgroup, 1, gfp, cpu, reclaim=self.reclaim,
+                                       task=t.task, oom=self.oom)
+                res.charges += 1
+                if r.steps and r.steps[0].kind == "stock_hit":
+                    res.stock_hits += 1
+                elif len(r.steps) > 1 or r.ret:
+                    res.slow.append(r)
+                if r.ret == 0:
+                    failures = 0
+                    if not t.alive:
+                        # killed while charging: the page goes with the task
+                        self.kernel.uncharge(t.cgroup, 1)
+                        res.end = "killed"
+                        break
+                    if kind == "anon":
+                        t.anon += 1
+                        res.anon += 1
+                    else:
+                        self.file[t.cgroup] = self.file.get(t.cgroup, 0) + 1
+                        res.file += 1
+                    done += 1
+                    continue
+                if t.task.memcg_in_oom is not None:
+                    t.waiting_oom = True
+                    res.end = "oom_wait"
+                    break
+                failures += 1
+                if failures > max_fault_retries:
+                    res.end = "stuck"
+                    break
+            if res.end != "done":
+                break
+        res.killed = self.kills[killed_before:]
+        return res
+
+    def charge(self, cgroup, nr_pages: int, gfp: int = GFP.KERNEL, cpu: int = 0, **kw):
+        """A raw charge (kernel memory, say): unreclaimable in this world."""
+        r = self.kernel.charge(cgroup, nr_pages, gfp, cpu, reclaim=self.reclaim,
+                               oom=self.oom, **kw)
+        if r.ret == 0:
+            self.other[cgroup] = self.other.get(cgroup, 0) + nr_pages
+        return r
+
+    def uncharge(self, cgroup, nr_pages: int) -> None:
+        have = self.other.get(cgroup, 0)
+        if nr_pages > have:
+            raise ValueError(f"{cgroup.path}: uncharge of {nr_pages} pages, "
+                             f"only {have} raw-charged")
+        self.kernel.uncharge(cgroup, nr_pages)
+        self.other[cgroup] = have - nr_pages
