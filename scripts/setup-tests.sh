@@ -19,7 +19,7 @@ if ! pkg_installed prometheus; then
     [ "$created_policy" -eq 1 ] && rm -f "$policy"
 fi
 
-apt_install qemu-system-x86 busybox-static kmod
+apt_install qemu-system-x86 busybox-static kmod vagrant
 
 # Guest kernels: Debian's 6.1 (the stable metapackage's ABI) and the newest
 # 6.12 from bookworm-backports, taken per package (no -t).
