@@ -220,13 +220,35 @@ class Environment:
         res.killed = self.kills[killed_before:]
         return res
 
-    def charge(self, cgroup, nr_pages: int, gfp: int = GFP.KERNEL, cpu: int = 0, **kw):
+    def charge(self, cgroup, nr_pages: int, gfp: int = GFP.KERNEL, cpu: int = 0, *,
+               reclaim=None, oom=None, **kw):
         """A raw charge (kernel memory, say): unreclaimable in this world."""
-        r = self.kernel.charge(cgroup, nr_pages, gfp, cpu, reclaim=self.reclaim,
-                               oom=self.oom, **kw)
+        r = self.kernel.charge(cgroup, nr_pages, gfp, cpu, reclaim=reclaim or self.reclaim,
+                               oom=oom or self.oom, **kw)
         if r.ret == 0:
             self.other[cgroup] = self.other.get(cgroup, 0) + nr_pages
         return r
+
+    def take_exact(self, target, nr_pages: int) -> ReclaimResult:
+        """A reclaim whose outcome the caller fixed (a scenario's list): take
+        ``nr_pages`` from the target's pools – page cache, then raw charges,
+        then anon (dropped, not swapped) – or as many as there are."""
+        want, by = nr_pages, {}
+        for m in target.subtree():
+            for pool in (self.file, self.other):
+                take = min(want, pool.get(m, 0))
+                if take:
+                    pool[m] -= take
+                    by[m] = by.get(m, 0) + take
+                    want -= take
+        for t in self.tasks.values():
+            if want and t.alive and t.cgroup.is_descendant(target):
+                take = min(want, t.anon)
+                if take:
+                    t.anon -= take
+                    by[t.cgroup] = by.get(t.cgroup, 0) + take
+                    want -= take
+        return ReclaimResult(nr_pages - want, 0, by)
 
     def uncharge(self, cgroup, nr_pages: int) -> None:
         have = self.other.get(cgroup, 0)
