@@ -34,6 +34,7 @@ import socketserver
 import ssl
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -405,6 +406,37 @@ class ScrapeDurationCollector:
         yield g
 
 
+# Servers of one registry (say, one per listen address) share its
+# self-metric, so it is registered once and unregistered with the last one.
+_scrape_collectors: "weakref.WeakKeyDictionary[CollectorRegistry, list]" = weakref.WeakKeyDictionary()
+_scrape_lock = threading.Lock()
+
+
+def _scrape_collector(registry: CollectorRegistry) -> ScrapeDurationCollector:
+    with _scrape_lock:
+        entry = _scrape_collectors.get(registry)
+        if entry is None:
+            entry = [ScrapeDurationCollector(), 0]
+            registry.register(entry[0])
+            _scrape_collectors[registry] = entry
+        entry[1] += 1
+        return entry[0]
+
+
+def _release_scrape_collector(registry: CollectorRegistry) -> None:
+    with _scrape_lock:
+        entry = _scrape_collectors.get(registry)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _scrape_collectors[registry]
+            try:
+                registry.unregister(entry[0])
+            except KeyError:
+                pass
+
+
 # --- --listen ------------------------------------------------------------
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -584,7 +616,7 @@ class _App:
     auth: _BasicAuth | None
     headers: Mapping[str, str]
     version: str
-    scrape_duration: ScrapeDurationCollector
+    scrape_duration: ScrapeDurationCollector | None
 
     def unhealthy_reason(self) -> str | None:
         if self.health is None:
@@ -653,10 +685,7 @@ class WebServer:
         self._server.server_close()
         self._server.close_connections()
         self._thread.join(timeout=1)
-        try:
-            self._app.registry.unregister(self._app.scrape_duration)
-        except KeyError:
-            pass
+        _release_scrape_collector(self._app.registry)
 
     def __enter__(self):
         return self
@@ -681,10 +710,9 @@ def serve(listen: str, registry: CollectorRegistry, web_config: WebConfig | str 
     web_config = web_config or WebConfig()
     family, address = _resolve(host, port, listen)
 
-    scrape = ScrapeDurationCollector()
     app = _App(registry=registry, facts=dict(facts or {}), health=health,
                auth=_BasicAuth(web_config.basic_auth_users) if web_config.basic_auth_users else None,
-               headers=dict(web_config.headers), version=version, scrape_duration=scrape)
+               headers=dict(web_config.headers), version=version, scrape_duration=None)
     handler = type("Handler", (_Handler,), {"app": app})
     ctx = web_config.ssl_context() if web_config.tls else None
     try:
@@ -692,7 +720,8 @@ def serve(listen: str, registry: CollectorRegistry, web_config: WebConfig | str 
     except OSError as e:
         raise ListenError(f"--listen {listen!r}: cannot listen ({e.strerror}); "
                           "pick a free port or an address of this host") from None
-    registry.register(scrape)
+    # after the bind, so a failed start leaves the registry as it was
+    app.scrape_duration = _scrape_collector(registry)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                               name=f"memcgscope-web-{server.server_address[1]}", daemon=True)
     thread.start()
