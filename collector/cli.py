@@ -16,7 +16,7 @@ from memcgscope import __version__
 # command name -> module under memcgscope.collector
 COMMANDS = {
     "doctor": "doctor_cmd",
-    # "simulate": "simulate",  # TEMP until model helper lands
+    "simulate": "simulate",
 }
 
 
