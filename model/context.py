@@ -70,7 +70,21 @@ class OomOutcome:
     exiting: bool = False
 
 
+_KW_CACHE: dict = {}
+
+
 def _accepts_may_swap(fn) -> bool:
+    # cached per code object: scenario and test oracles are often closures
+    key = getattr(fn, "__code__", None) or getattr(getattr(fn, "__func__", None), "__code__", None)
+    if key is not None and key in _KW_CACHE:
+        return _KW_CACHE[key]
+    result = _inspect_may_swap(fn)
+    if key is not None:
+        _KW_CACHE[key] = result
+    return result
+
+
+def _inspect_may_swap(fn) -> bool:
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
@@ -105,10 +119,9 @@ class Ctx:
         self.reclaim = self.reclaim or _no_reclaim
         self.oom = self.oom or _no_oom
         self.drain = self.drain or _drain_all
-        self._reclaim_kw = _accepts_may_swap(self.reclaim)
 
     def call_reclaim(self, target, nr, gfp, may_swap):
-        if self._reclaim_kw:
+        if _accepts_may_swap(self.reclaim):
             return self.reclaim(target, nr, gfp, may_swap=may_swap)
         return self.reclaim(target, nr, gfp)
 

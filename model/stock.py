@@ -149,6 +149,8 @@ def drain_all_stock(kernel, root, cpu: int, outcome: str, steps) -> int:
 
 def run_pending_drains(kernel, steps) -> None:
     """The scheduled drain works run (after the operation that queued them)."""
+    if not kernel.pending_drains:
+        return
     for cpu in sorted(kernel.pending_drains):
         n = drain_local_stock(kernel, cpu, "drain_all", None)
         if steps is not None:
