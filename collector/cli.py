@@ -17,6 +17,7 @@ from memcgscope import __version__
 COMMANDS = {
     "doctor": "doctor_cmd",
     "simulate": "simulate",
+    "record": "record_cmd",
 }
 
 

@@ -91,6 +91,43 @@ class BTF:
     def func_id(self, name: str) -> int | None:
         return self.find(name, FUNC)
 
+    def func_param_count(self, name: str) -> int | None:
+        """How many parameters a function takes (fexit's return value
+        follows them in the program's context)."""
+        type_id = self.func_id(name)
+        if type_id is None:
+            return None
+        proto = self._types[type_id][4]
+        return self._types[proto][2]
+
+    def enum_value(self, enumerator: str) -> int | None:
+        """The value of an enumerator (e.g. memory_cgrp_id) in any enum."""
+        for type_id in range(1, len(self._types)):
+            _, kind, vlen, _, _, trailer = self._types[type_id]
+            if kind == ENUM:
+                for i in range(vlen):
+                    name_off, value = struct.unpack_from("<Ii", self._data, trailer + 8 * i)
+                    if self._name(name_off) == enumerator:
+                        return value
+            elif kind == ENUM64:
+                for i in range(vlen):
+                    name_off, lo, hi = struct.unpack_from("<III", self._data, trailer + 12 * i)
+                    if self._name(name_off) == enumerator:
+                        return lo | (hi << 32)
+        return None
+
+    def enumerators(self, enum_name: str) -> dict[int, str]:
+        """value -> name for one named enum (e.g. vm_event_item)."""
+        type_id = self.find(enum_name, ENUM)
+        if type_id is None:
+            return {}
+        _, _, vlen, _, _, trailer = self._types[type_id]
+        out = {}
+        for i in range(vlen):
+            name_off, value = struct.unpack_from("<Ii", self._data, trailer + 8 * i)
+            out.setdefault(value, self._name(name_off))
+        return out
+
     def members(self, type_id: int) -> list[Member]:
         _, kind, vlen, kflag, _, trailer = self._types[type_id]
         if kind not in (STRUCT, UNION):

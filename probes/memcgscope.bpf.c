@@ -1,0 +1,705 @@
+// memcgscope's BPF side, compiled by bcc at run time.
+//
+// The handlers below are mode-independent; probes/program.py appends thin
+// wrappers for the mode in use (fentry/fexit, kprobe/kretprobe, or
+// tracepoints) and passes, as -D flags, the struct field offsets of the
+// *running* kernel read from its BTF, so the headers bcc compiles against
+// may be another version's (real-kernels.md §3).
+//
+// Fast charges cost map updates only. A charge becomes an *episode* that
+// crosses the ring buffer once it does something slow (a counter failure,
+// a reclaim, a drain, an OOM) or fails; limit writes are always episodes.
+
+#include <uapi/linux/ptrace.h>
+#include <linux/sched.h>
+
+#ifndef OFF_MEMCG_CSS_CGROUP
+#error "memcgscope: struct offsets must be given as -D flags (probes/program.py)"
+#endif
+
+#define EV_CHARGE_ENTER     1
+#define EV_CHARGE_EXIT      2
+#define EV_RECLAIM          3
+#define EV_DRAIN            4
+#define EV_OOM              5
+#define EV_OOM_KILL         6
+#define EV_COUNTER_FAIL     7
+#define EV_LIMIT_ENTER      8
+#define EV_LIMIT_EXIT       9
+#define EV_PAGE_CHARGE_FAIL 10
+#define EV_TP_RECLAIM       11
+
+#define CALLER_OTHER     0
+#define CALLER_CHARGE    1
+#define CALLER_V1_LIMIT  2
+#define CALLER_V2_MAX    3
+#define CALLER_V2_HIGH   4
+#define CALLER_UNKNOWN   5
+
+#define LIMIT_RESIZE_MAX 1
+#define LIMIT_MEMORY_MAX 2
+#define LIMIT_MEMORY_HIGH 3
+
+#define HIST_SLOTS 32
+
+struct event_t {
+    u32 type;
+    u32 cpu;
+    u32 pid;
+    u32 tid;
+    u64 ts;
+    u64 episode;      // start time of the episode this event belongs to (0: none)
+    u64 cgid;         // cgroup id of the memcg the event is about
+    u64 arg0, arg1, arg2;
+    s64 ret;
+    u64 usage, max, memsw_usage, memsw_max;
+    u64 duration_ns;
+    u32 caller;
+    u32 flags;
+    char comm[16];
+    char data[24];
+};
+
+struct task_ctx {
+    // the charge in progress (outermost try_charge_memcg of this task)
+    u64 charge_start;
+    u64 charge_memcg;
+    u64 charge_cgid;
+    u64 charge_usage, charge_max, charge_memsw_usage, charge_memsw_max;
+    u32 charge_gfp;
+    u32 charge_nr;
+    u32 charge_depth;
+    u32 charge_emitted;
+    // the limit write in progress
+    u64 limit_start;
+    u64 limit_memcg;
+    u64 limit_cgid;
+    u64 limit_value;
+    u32 limit_kind;
+    u32 limit_memsw;
+    // the memcg reclaim in progress
+    u64 reclaim_start;
+    u64 reclaim_memcg;
+    u64 reclaim_nr;
+    u32 reclaim_gfp;
+    u32 reclaim_opts;
+    // mem_cgroup_out_of_memory in progress
+    u64 oom_start;
+    u64 oom_memcg;
+    u32 oom_gfp;
+    u32 oom_order;
+    // __mem_cgroup_charge in progress
+    u64 page_start;
+    u32 page_gfp;
+    u32 page_active;
+    // page_counter_try_charge in progress (inside a charge)
+    u64 pc_counter;
+    u64 pc_nr;
+    u64 pc_fail_slot;
+    u64 data[3];
+};
+
+struct charge_stat {
+    u64 calls;
+    u64 pages;
+    u64 slow;
+    u64 fail_enomem;
+    u64 fail_eintr;
+    u64 fail_other;
+    u64 ns;
+};
+struct hist_key { u64 cgid; u32 caller; u32 slot; };
+struct reclaim_key { u64 cgid; u32 caller; u32 pad; };
+struct reclaim_stat { u64 calls; u64 asked; u64 freed; u64 ns; };
+struct limit_key { u64 cgid; u32 kind; s32 ret; };
+struct oom_stat { u64 invocations; u64 returned_true; u64 kills; };
+struct fail_key { u64 cgid; u32 counter; u32 pad; };
+struct item_key { u64 cgid; u32 item; u32 pad; };
+struct item_val { u64 count; s64 sum; };
+
+BPF_HASH(tasks, u32, struct task_ctx, 16384);
+BPF_HASH(charge_stats, u64, struct charge_stat, MAX_CGROUPS);
+BPF_HASH(charge_lat, struct hist_key, u64, MAX_CGROUPS * 8);
+BPF_HASH(page_charge_stats, u64, struct charge_stat, MAX_CGROUPS);
+BPF_HASH(reclaim_stats, struct reclaim_key, struct reclaim_stat, MAX_CGROUPS);
+BPF_HASH(reclaim_lat, struct hist_key, u64, MAX_CGROUPS * 8);
+BPF_HASH(limit_stats, struct limit_key, u64, MAX_CGROUPS);
+BPF_HASH(oom_stats, u64, struct oom_stat, MAX_CGROUPS);
+BPF_HASH(counter_fails, struct fail_key, u64, MAX_CGROUPS);
+BPF_HASH(memcg_events, struct item_key, struct item_val, MAX_CGROUPS * 16);
+BPF_HASH(memcg_state, struct item_key, struct item_val, MAX_CGROUPS * 16);
+BPF_PERCPU_ARRAY(lost, u64, 1);
+BPF_PERCPU_ARRAY(scratch, struct event_t, 1);
+BPF_PERCPU_ARRAY(zero_ctx, struct task_ctx, 1);
+
+#ifdef USE_PERF_BUFFER
+BPF_PERF_OUTPUT(events);
+#else
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+#endif
+
+static __always_inline u64 read_u64(u64 addr) {
+    u64 v = 0;
+    if (addr)
+        bpf_probe_read_kernel(&v, sizeof(v), (void *)addr);
+    return v;
+}
+
+// memcg->css.cgroup->kn->id: the cgroup's inode number in its hierarchy
+static __always_inline u64 memcg_cgid(u64 memcg) {
+    u64 cgroup = read_u64(memcg + OFF_MEMCG_CSS_CGROUP);
+    u64 kn = read_u64(cgroup + OFF_CGROUP_KN);
+    return read_u64(kn + OFF_KN_ID);
+}
+
+static __always_inline void memcg_counters(u64 memcg, struct event_t *e) {
+    e->usage = read_u64(memcg + OFF_MEMCG_MEMORY + OFF_PC_USAGE);
+    e->max = read_u64(memcg + OFF_MEMCG_MEMORY + OFF_PC_MAX);
+#ifdef HAVE_MEMSW
+    e->memsw_usage = read_u64(memcg + OFF_MEMCG_MEMSW + OFF_PC_USAGE);
+    e->memsw_max = read_u64(memcg + OFF_MEMCG_MEMSW + OFF_PC_MAX);
+#endif
+}
+
+// current->cgroups->subsys[memory_cgrp_id]: the task's memcg (its css is
+// the memcg's first member)
+static __always_inline u64 task_memcg(void) {
+    u64 task = bpf_get_current_task();
+    u64 cset = read_u64(task + OFF_TASK_CGROUPS);
+    return read_u64(cset + OFF_CSS_SET_SUBSYS + 8 * MEMORY_CGRP_ID);
+}
+
+static __always_inline u32 log2l(u64 v) {
+    u32 r = 0;
+    #pragma unroll
+    for (int i = 0; i < 6; i++) {
+        u32 shift = 32 >> i;
+        if (v >> shift) { v >>= shift; r += shift; }
+    }
+    return r < HIST_SLOTS ? r : HIST_SLOTS - 1;
+}
+
+static __always_inline void hist_add(void *map_ptr, u64 cgid, u32 caller, u64 ns, int which) {
+    struct hist_key k = {.cgid = cgid, .caller = caller, .slot = log2l(ns)};
+    u64 one = 1, *v;
+    if (which == 0) {
+        v = charge_lat.lookup(&k);
+        if (v) __sync_fetch_and_add(v, 1); else charge_lat.update(&k, &one);
+    } else {
+        v = reclaim_lat.lookup(&k);
+        if (v) __sync_fetch_and_add(v, 1); else reclaim_lat.update(&k, &one);
+    }
+}
+
+static __always_inline struct event_t *new_event(u32 type) {
+    u32 zero = 0;
+    struct event_t *e = scratch.lookup(&zero);
+    if (!e)
+        return 0;
+    __builtin_memset(e, 0, sizeof(*e));
+    u64 id = bpf_get_current_pid_tgid();
+    e->type = type;
+    e->cpu = bpf_get_smp_processor_id();
+    e->pid = id >> 32;
+    e->tid = (u32)id;
+    e->ts = bpf_ktime_get_ns();
+    bpf_get_current_comm(&e->comm, sizeof(e->comm));
+    return e;
+}
+
+static __always_inline void emit(void *ctx, struct event_t *e) {
+    int err;
+#ifdef USE_PERF_BUFFER
+    err = events.perf_submit(ctx, e, sizeof(*e));
+#else
+    err = events.ringbuf_output(e, sizeof(*e), 0);
+#endif
+    if (err) {
+        u32 zero = 0;
+        u64 *n = lost.lookup(&zero);
+        if (n) (*n)++;
+    }
+}
+
+static __always_inline struct task_ctx *get_ctx(u32 tid, int create) {
+    struct task_ctx *c = tasks.lookup(&tid);
+    if (c || !create)
+        return c;
+    u32 zero = 0;
+    struct task_ctx *z = zero_ctx.lookup(&zero);
+    if (!z)
+        return 0;
+    tasks.update(&tid, z);
+    return tasks.lookup(&tid);
+}
+
+static __always_inline void maybe_free_ctx(u32 tid, struct task_ctx *c) {
+    if (!c->charge_depth && !c->limit_start && !c->reclaim_start && !c->oom_start && !c->page_active)
+        tasks.delete(&tid);
+}
+
+static __always_inline u32 current_tid(void) { return (u32)bpf_get_current_pid_tgid(); }
+
+// The episode a nested event belongs to: the charge if one runs, else
+// the limit write.
+static __always_inline u64 episode_of(struct task_ctx *c) {
+    if (c->charge_depth)
+        return c->charge_start;
+    return c->limit_start;
+}
+
+static __always_inline u32 caller_of(struct task_ctx *c) {
+    if (c->charge_depth)
+        return CALLER_CHARGE;
+    if (c->limit_start) {
+        if (c->limit_kind == LIMIT_RESIZE_MAX) return CALLER_V1_LIMIT;
+        if (c->limit_kind == LIMIT_MEMORY_MAX) return CALLER_V2_MAX;
+        return CALLER_V2_HIGH;
+    }
+    return CALLER_OTHER;
+}
+
+// A charge turns slow: send its entry once, so user space sees the
+// episode's start before its nested steps.
+static __always_inline void charge_mark_slow(void *ctx, struct task_ctx *c) {
+    if (!c->charge_depth || c->charge_emitted)
+        return;
+    c->charge_emitted = 1;
+    struct event_t *e = new_event(EV_CHARGE_ENTER);
+    if (!e)
+        return;
+    e->ts = c->charge_start;
+    e->episode = c->charge_start;
+    e->cgid = c->charge_cgid;
+    e->arg0 = c->charge_gfp;
+    e->arg1 = c->charge_nr;
+    e->usage = c->charge_usage;
+    e->max = c->charge_max;
+    e->memsw_usage = c->charge_memsw_usage;
+    e->memsw_max = c->charge_memsw_max;
+    emit(ctx, e);
+}
+
+// ---- the charge core: try_charge_memcg (try_charge on 5.10) ----
+
+static __always_inline void on_charge_enter(void *ctx, u64 memcg, u32 gfp, u32 nr) {
+    u32 tid = current_tid();
+    struct task_ctx *c = get_ctx(tid, 1);
+    if (!c)
+        return;
+    if (c->charge_depth++)
+        return;  // a charge nested inside a charge (reclaim allocating): counted in the outer one
+    c->charge_start = bpf_ktime_get_ns();
+    c->charge_memcg = memcg;
+    c->charge_cgid = memcg_cgid(memcg);
+    c->charge_gfp = gfp;
+    c->charge_nr = nr;
+    c->charge_emitted = 0;
+    struct event_t tmp = {};
+    memcg_counters(memcg, &tmp);
+    c->charge_usage = tmp.usage;
+    c->charge_max = tmp.max;
+    c->charge_memsw_usage = tmp.memsw_usage;
+    c->charge_memsw_max = tmp.memsw_max;
+}
+
+static __always_inline void on_charge_exit(void *ctx, s64 ret) {
+    u32 tid = current_tid();
+    struct task_ctx *c = get_ctx(tid, 0);
+    if (!c || !c->charge_depth)
+        return;
+    if (--c->charge_depth) {
+        return;
+    }
+    u64 now = bpf_ktime_get_ns();
+    u64 ns = now - c->charge_start;
+    u64 cgid = c->charge_cgid;
+    struct charge_stat zero = {}, *s = charge_stats.lookup(&cgid);
+    if (!s) {
+        charge_stats.update(&cgid, &zero);
+        s = charge_stats.lookup(&cgid);
+    }
+    if (ret)
+        charge_mark_slow(ctx, c);
+    if (s) {
+        __sync_fetch_and_add(&s->calls, 1);
+        __sync_fetch_and_add(&s->pages, c->charge_nr);
+        __sync_fetch_and_add(&s->ns, ns);
+        if (c->charge_emitted) __sync_fetch_and_add(&s->slow, 1);
+        if (ret == -12) __sync_fetch_and_add(&s->fail_enomem, 1);
+        else if (ret == -4) __sync_fetch_and_add(&s->fail_eintr, 1);
+        else if (ret) __sync_fetch_and_add(&s->fail_other, 1);
+    }
+    hist_add(0, cgid, 0, ns, 0);
+    if (c->page_active && !c->data[0]) {
+        // the page charge's memcg and size, for its own stats
+        c->data[0] = cgid;
+        c->data[1] = c->charge_nr;
+    }
+    if (c->charge_emitted) {
+        struct event_t *e = new_event(EV_CHARGE_EXIT);
+        if (e) {
+            e->episode = c->charge_start;
+            e->cgid = cgid;
+            e->arg0 = c->charge_gfp;
+            e->arg1 = c->charge_nr;
+            e->ret = ret;
+            e->duration_ns = ns;
+            memcg_counters(c->charge_memcg, e);
+            emit(ctx, e);
+        }
+    }
+    c->charge_start = 0;
+    c->charge_memcg = 0;
+    maybe_free_ctx(tid, c);
+}
+
+// ---- page_counter_try_charge: which level failed (inside a charge) ----
+
+static __always_inline void on_pc_try_charge_enter(void *ctx, u64 counter, u64 nr, u64 fail_slot) {
+    struct task_ctx *c = get_ctx(current_tid(), 0);
+    if (!c || !c->charge_depth)
+        return;
+    c->pc_counter = counter;
+    c->pc_nr = nr;
+    c->pc_fail_slot = fail_slot;
+}
+
+static __always_inline void on_pc_try_charge_exit(void *ctx, u64 ok) {
+    struct task_ctx *c = get_ctx(current_tid(), 0);
+    if (!c || !c->charge_depth || !c->pc_fail_slot)
+        return;
+    u64 slot = c->pc_fail_slot;
+    c->pc_fail_slot = 0;
+    if (ok & 0xff)
+        return;
+    u64 failed = read_u64(slot);
+    // the leaf counter tells which hierarchy: memory or (v1) memsw
+    u32 which = (c->pc_counter == c->charge_memcg + OFF_MEMCG_MEMORY) ? 0 : 1;
+    u64 memcg = failed - (which ? OFF_MEMCG_MEMSW : OFF_MEMCG_MEMORY);
+    charge_mark_slow(ctx, c);
+    struct event_t *e = new_event(EV_COUNTER_FAIL);
+    if (!e)
+        return;
+    e->episode = c->charge_start;
+    e->cgid = memcg_cgid(memcg);
+    e->arg0 = which;
+    e->arg1 = c->pc_nr;
+    memcg_counters(memcg, e);
+    struct fail_key k = {.cgid = e->cgid, .counter = which};
+    u64 one = 1, *v = counter_fails.lookup(&k);
+    if (v) __sync_fetch_and_add(v, 1); else counter_fails.update(&k, &one);
+    emit(ctx, e);
+}
+
+// ---- try_to_free_mem_cgroup_pages ----
+
+static __always_inline void on_reclaim_enter(void *ctx, u64 memcg, u64 nr, u32 gfp, u32 opts) {
+    struct task_ctx *c = get_ctx(current_tid(), 1);
+    if (!c)
+        return;
+    charge_mark_slow(ctx, c);
+    c->reclaim_start = bpf_ktime_get_ns();
+    c->reclaim_memcg = memcg;
+    c->reclaim_nr = nr;
+    c->reclaim_gfp = gfp;
+    c->reclaim_opts = opts;
+    if (c->limit_start && !c->limit_memcg)
+        c->limit_memcg = memcg;  // memory.max/high writes: the target is the written cgroup
+}
+
+static __always_inline void on_reclaim_exit(void *ctx, u64 freed) {
+    u32 tid = current_tid();
+    struct task_ctx *c = get_ctx(tid, 0);
+    if (!c || !c->reclaim_start)
+        return;
+    u64 ns = bpf_ktime_get_ns() - c->reclaim_start;
+    struct event_t *e = new_event(EV_RECLAIM);
+    u32 caller = caller_of(c);
+    u64 cgid = memcg_cgid(c->reclaim_memcg);
+    if (e) {
+        e->episode = episode_of(c);
+        e->cgid = cgid;
+        e->arg0 = c->reclaim_nr;
+        e->arg1 = c->reclaim_gfp;
+        e->arg2 = c->reclaim_opts;
+        e->ret = freed;
+        e->duration_ns = ns;
+        e->caller = caller;
+        memcg_counters(c->reclaim_memcg, e);
+        emit(ctx, e);
+    }
+    struct reclaim_key k = {.cgid = cgid, .caller = caller};
+    struct reclaim_stat zero = {}, *s = reclaim_stats.lookup(&k);
+    if (!s) {
+        reclaim_stats.update(&k, &zero);
+        s = reclaim_stats.lookup(&k);
+    }
+    if (s) {
+        __sync_fetch_and_add(&s->calls, 1);
+        __sync_fetch_and_add(&s->asked, c->reclaim_nr);
+        __sync_fetch_and_add(&s->freed, freed);
+        __sync_fetch_and_add(&s->ns, ns);
+    }
+    hist_add(0, cgid, caller, ns, 1);
+    c->reclaim_start = 0;
+    maybe_free_ctx(tid, c);
+}
+
+// ---- drain_all_stock ----
+
+static __always_inline void on_drain(void *ctx, u64 memcg, int args_valid) {
+    struct task_ctx *c = get_ctx(current_tid(), 0);
+    if (c)
+        charge_mark_slow(ctx, c);
+    struct event_t *e = new_event(EV_DRAIN);
+    if (!e)
+        return;
+    e->episode = c ? episode_of(c) : 0;
+    e->cgid = args_valid ? memcg_cgid(memcg) : 0;
+    e->caller = c ? caller_of(c) : CALLER_OTHER;
+    emit(ctx, e);
+}
+
+// ---- mem_cgroup_out_of_memory ----
+
+static __always_inline void on_oom_enter(void *ctx, u64 memcg, u32 gfp, u32 order) {
+    struct task_ctx *c = get_ctx(current_tid(), 1);
+    if (!c)
+        return;
+    charge_mark_slow(ctx, c);
+    c->oom_start = bpf_ktime_get_ns();
+    c->oom_memcg = memcg;
+    c->oom_gfp = gfp;
+    c->oom_order = order;
+}
+
+static __always_inline void on_oom_exit(void *ctx, u64 ret) {
+    u32 tid = current_tid();
+    struct task_ctx *c = get_ctx(tid, 0);
+    if (!c || !c->oom_start)
+        return;
+    u64 cgid = memcg_cgid(c->oom_memcg);
+    struct event_t *e = new_event(EV_OOM);
+    if (e) {
+        e->episode = episode_of(c);
+        e->cgid = cgid;
+        e->arg0 = c->oom_gfp;
+        e->arg1 = c->oom_order;
+        e->ret = ret & 0xff;
+        e->duration_ns = bpf_ktime_get_ns() - c->oom_start;
+        e->caller = caller_of(c);
+        memcg_counters(c->oom_memcg, e);
+        emit(ctx, e);
+    }
+    struct oom_stat zero = {}, *s = oom_stats.lookup(&cgid);
+    if (!s) {
+        oom_stats.update(&cgid, &zero);
+        s = oom_stats.lookup(&cgid);
+    }
+    if (s) {
+        __sync_fetch_and_add(&s->invocations, 1);
+        if (ret & 0xff) __sync_fetch_and_add(&s->returned_true, 1);
+    }
+    c->oom_start = 0;
+    maybe_free_ctx(tid, c);
+}
+
+// ---- oom:mark_victim (every mode): attributed to the memcg whose OOM
+// runs on this task, else to the task's own memcg ----
+
+static __always_inline void on_mark_victim(void *ctx, u32 victim_pid) {
+    struct task_ctx *c = get_ctx(current_tid(), 0);
+    u64 memcg = (c && c->oom_start) ? c->oom_memcg : task_memcg();
+    struct event_t *e = new_event(EV_OOM_KILL);
+    if (!e)
+        return;
+    e->episode = c ? episode_of(c) : 0;
+    e->cgid = memcg_cgid(memcg);
+    e->arg0 = victim_pid;
+    e->flags = (c && c->oom_start) ? 1 : 0;
+    u64 cgid = e->cgid;
+    emit(ctx, e);
+    struct oom_stat zero = {}, *s = oom_stats.lookup(&cgid);
+    if (!s) {
+        oom_stats.update(&cgid, &zero);
+        s = oom_stats.lookup(&cgid);
+    }
+    if (s)
+        __sync_fetch_and_add(&s->kills, 1);
+}
+
+// ---- limit writes: mem_cgroup_resize_max (v1), memory_max_write and
+// memory_high_write (v2) ----
+
+static __always_inline void on_limit_enter(void *ctx, u32 kind, u64 memcg, u64 cgid, u64 value,
+                                           u32 memsw, const char *buf) {
+    struct task_ctx *c = get_ctx(current_tid(), 1);
+    if (!c)
+        return;
+    c->limit_start = bpf_ktime_get_ns();
+    c->limit_kind = kind;
+    c->limit_memcg = memcg;
+    c->limit_cgid = cgid;
+    c->limit_value = value;
+    c->limit_memsw = memsw;
+    struct event_t *e = new_event(EV_LIMIT_ENTER);
+    if (!e)
+        return;
+    e->ts = c->limit_start;
+    e->episode = c->limit_start;
+    e->cgid = cgid;
+    e->arg0 = kind;
+    e->arg1 = value;
+    e->arg2 = memsw;
+    if (memcg)
+        memcg_counters(memcg, e);
+    if (buf)
+        bpf_probe_read_kernel_str(&e->data, sizeof(e->data), buf);
+    emit(ctx, e);
+}
+
+static __always_inline void on_limit_exit(void *ctx, s64 ret) {
+    u32 tid = current_tid();
+    struct task_ctx *c = get_ctx(tid, 0);
+    if (!c || !c->limit_start)
+        return;
+    struct event_t *e = new_event(EV_LIMIT_EXIT);
+    u64 cgid = c->limit_cgid;
+    if (e) {
+        e->episode = c->limit_start;
+        e->cgid = cgid;
+        e->arg0 = c->limit_kind;
+        e->arg1 = c->limit_value;
+        e->arg2 = c->limit_memsw;
+        e->ret = ret;
+        e->duration_ns = bpf_ktime_get_ns() - c->limit_start;
+        if (c->limit_memcg)
+            memcg_counters(c->limit_memcg, e);
+        e->flags = c->limit_memcg ? 1 : 0;  // counters valid
+        emit(ctx, e);
+    }
+    // v2 writes return the byte count on success: count them as 0
+    struct limit_key k = {.cgid = cgid, .kind = c->limit_kind, .ret = ret > 0 ? 0 : (s32)ret};
+    u64 one = 1, *v = limit_stats.lookup(&k);
+    if (v) __sync_fetch_and_add(v, 1); else limit_stats.update(&k, &one);
+    c->limit_start = 0;
+    c->limit_memcg = 0;
+    maybe_free_ctx(tid, c);
+}
+
+// kernfs_open_file *of -> of->kn (the file) -> parent (the cgroup dir) -> id
+static __always_inline u64 of_cgroup_id(u64 of) {
+    u64 kn = read_u64(of + OFF_OF_KN);
+    u64 parent = read_u64(kn + OFF_KN_PARENT);
+    return read_u64(parent + OFF_KN_ID);
+}
+
+// ---- __mem_cgroup_charge (mem_cgroup_charge on 5.10) ----
+
+static __always_inline void on_page_charge_enter(void *ctx, u32 gfp) {
+    struct task_ctx *c = get_ctx(current_tid(), 1);
+    if (!c)
+        return;
+    c->page_start = bpf_ktime_get_ns();
+    c->page_gfp = gfp;
+    c->page_active = 1;
+    c->data[0] = 0;
+    c->data[1] = 0;
+}
+
+static __always_inline void on_page_charge_exit(void *ctx, s64 ret) {
+    u32 tid = current_tid();
+    struct task_ctx *c = get_ctx(tid, 0);
+    if (!c || !c->page_active)
+        return;
+    u64 cgid = c->data[0];
+    u64 pages = c->data[1];
+    u64 ns = bpf_ktime_get_ns() - c->page_start;
+    struct charge_stat zero = {}, *s = page_charge_stats.lookup(&cgid);
+    if (!s) {
+        page_charge_stats.update(&cgid, &zero);
+        s = page_charge_stats.lookup(&cgid);
+    }
+    if (s) {
+        __sync_fetch_and_add(&s->calls, 1);
+        __sync_fetch_and_add(&s->pages, pages);
+        __sync_fetch_and_add(&s->ns, ns);
+        if (ret == -12) __sync_fetch_and_add(&s->fail_enomem, 1);
+        else if (ret == -4) __sync_fetch_and_add(&s->fail_eintr, 1);
+        else if (ret) __sync_fetch_and_add(&s->fail_other, 1);
+    }
+    if (ret) {
+        struct event_t *e = new_event(EV_PAGE_CHARGE_FAIL);
+        if (e) {
+            e->cgid = cgid;
+            e->arg0 = pages;
+            e->arg1 = c->page_gfp;
+            e->ret = ret;
+            e->duration_ns = ns;
+            emit(ctx, e);
+        }
+    }
+    c->page_active = 0;
+    maybe_free_ctx(tid, c);
+}
+
+// ---- tracepoint mode: memcg reclaim by task, memcg:* activity ----
+
+static __always_inline void on_tp_reclaim_begin(void *ctx, u32 gfp) {
+    struct task_ctx *c = get_ctx(current_tid(), 1);
+    if (!c)
+        return;
+    c->reclaim_start = bpf_ktime_get_ns();
+    c->reclaim_gfp = gfp;
+    c->reclaim_memcg = task_memcg();
+}
+
+static __always_inline void on_tp_reclaim_end(void *ctx, u64 freed) {
+    u32 tid = current_tid();
+    struct task_ctx *c = get_ctx(tid, 0);
+    if (!c || !c->reclaim_start)
+        return;
+    u64 ns = bpf_ktime_get_ns() - c->reclaim_start;
+    u64 cgid = memcg_cgid(c->reclaim_memcg);
+    struct event_t *e = new_event(EV_TP_RECLAIM);
+    if (e) {
+        e->cgid = cgid;
+        e->arg1 = c->reclaim_gfp;
+        e->ret = freed;
+        e->duration_ns = ns;
+        e->caller = CALLER_UNKNOWN;
+        memcg_counters(c->reclaim_memcg, e);
+        emit(ctx, e);
+    }
+    struct reclaim_key k = {.cgid = cgid, .caller = CALLER_UNKNOWN};
+    struct reclaim_stat zero = {}, *s = reclaim_stats.lookup(&k);
+    if (!s) {
+        reclaim_stats.update(&k, &zero);
+        s = reclaim_stats.lookup(&k);
+    }
+    if (s) {
+        __sync_fetch_and_add(&s->calls, 1);
+        __sync_fetch_and_add(&s->freed, freed);
+        __sync_fetch_and_add(&s->ns, ns);
+    }
+    hist_add(0, cgid, CALLER_UNKNOWN, ns, 1);
+    c->reclaim_start = 0;
+    maybe_free_ctx(tid, c);
+}
+
+static __always_inline void item_add(int state, u64 cgid, u32 item, s64 val) {
+    struct item_key k = {.cgid = cgid, .item = item};
+    struct item_val zero = {}, *v;
+    if (state) {
+        v = memcg_state.lookup(&k);
+        if (!v) { memcg_state.update(&k, &zero); v = memcg_state.lookup(&k); }
+    } else {
+        v = memcg_events.lookup(&k);
+        if (!v) { memcg_events.update(&k, &zero); v = memcg_events.lookup(&k); }
+    }
+    if (v) {
+        __sync_fetch_and_add(&v->count, 1);
+        __sync_fetch_and_add(&v->sum, val);
+    }
+}

@@ -1,0 +1,234 @@
+"""Builds the BPF program for one mode on the running kernel.
+
+The C in memcgscope.bpf.c holds mode-independent handlers. This module
+appends the wrappers for the chosen mode, one per probed function that the
+kernel has, and computes the -D flags: struct field offsets read from the
+kernel's BTF, the memory controller's subsystem id, and whether v1 swap
+accounting (memsw) is on. A role whose function is missing turns that one
+probe off, with the reason; the rest are built.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from .btf import BTF, BTFError
+from .detect import Report
+from .targets import TRACEPOINTS
+
+__all__ = ["ProbeStatus", "Program", "build_program", "kernel_offsets", "ROLE_HANDLERS", "ProgramError"]
+
+SOURCE = os.path.join(os.path.dirname(__file__), "memcgscope.bpf.c")
+
+
+class ProgramError(Exception):
+    pass
+
+
+@dataclass
+class ProbeStatus:
+    role: str
+    target: str          # kernel function or category:tracepoint
+    kind: str            # fentry | kprobe | tracepoint
+    attached: bool
+    reason: str = ""
+
+
+@dataclass
+class RoleHandler:
+    """How a probed function's arguments reach the handlers. A0..A4 are the
+    function's arguments as u64, RET its return value."""
+    enter: str
+    exit: str | None
+    # the fixed arguments a suffixed clone (.isra/.constprop) may not keep
+    needs_args: bool = True
+
+
+ROLE_HANDLERS: dict[str, RoleHandler] = {
+    "charge_core": RoleHandler("on_charge_enter(ctx, A0, (u32)A1, (u32)A2)",
+                               "on_charge_exit(ctx, (s64)(int)RET)"),
+    "page_charge": RoleHandler("on_page_charge_enter(ctx, (u32)A2)",
+                               "on_page_charge_exit(ctx, (s64)(int)RET)"),
+    "memcg_reclaim": RoleHandler("on_reclaim_enter(ctx, A0, A1, (u32)A2, (u32)A3)",
+                                 "on_reclaim_exit(ctx, RET)"),
+    "resize_max": RoleHandler("on_limit_enter(ctx, LIMIT_RESIZE_MAX, A0, memcg_cgid(A0), A1, (u32)(A2 & 0xff), 0)",
+                              "on_limit_exit(ctx, (s64)(int)RET)"),
+    "memory_max_write": RoleHandler(
+        "on_limit_enter(ctx, LIMIT_MEMORY_MAX, 0, of_cgroup_id(A0), A2, 0, (const char *)A1)",
+        "on_limit_exit(ctx, (s64)RET)"),
+    "memory_high_write": RoleHandler(
+        "on_limit_enter(ctx, LIMIT_MEMORY_HIGH, 0, of_cgroup_id(A0), A2, 0, (const char *)A1)",
+        "on_limit_exit(ctx, (s64)RET)"),
+    "memcg_oom": RoleHandler("on_oom_enter(ctx, A0, (u32)A1, (u32)A2)", "on_oom_exit(ctx, RET)"),
+    "drain_all_stock": RoleHandler("on_drain(ctx, A0, ARGS_VALID)", None, needs_args=False),
+    "page_counter_try_charge": RoleHandler("on_pc_try_charge_enter(ctx, A0, A1, A2)",
+                                           "on_pc_try_charge_exit(ctx, RET)"),
+}
+
+# Tracepoint handlers: (category, name) -> body using `args`
+TRACEPOINT_HANDLERS = {
+    ("oom", "mark_victim"): "on_mark_victim(args, args->pid);",
+    ("vmscan", "mm_vmscan_memcg_reclaim_begin"): "on_tp_reclaim_begin(args, args->gfp_flags);",
+    ("vmscan", "mm_vmscan_memcg_reclaim_end"): "on_tp_reclaim_end(args, args->nr_reclaimed);",
+    ("memcg", "count_memcg_events"): "item_add(0, args->id, args->item, args->val);",
+    ("memcg", "mod_memcg_state"): "item_add(1, args->id, args->item, args->val);",
+    # node_stat_item space, kept apart from memcg_stat_item by bit 16
+    ("memcg", "mod_memcg_lruvec_state"): "item_add(1, args->id, args->item | 0x10000, args->val);",
+}
+# In fentry/kprobe modes try_to_free_mem_cgroup_pages is probed directly.
+TRACEPOINT_ONLY = {("vmscan", "mm_vmscan_memcg_reclaim_begin"), ("vmscan", "mm_vmscan_memcg_reclaim_end")}
+
+
+@dataclass
+class Program:
+    mode: str
+    text: str
+    cflags: list[str]
+    probes: list[ProbeStatus]
+    # kprobe mode: (kernel symbol, bpf function, is_return)
+    kprobes: list[tuple[str, str, bool]] = field(default_factory=list)
+
+
+def _offset(btf: BTF, struct_name: str, *paths: str) -> int:
+    errors = []
+    for path in paths:
+        try:
+            return btf.offsetof(struct_name, path)
+        except BTFError as e:
+            errors.append(str(e))
+    raise ProgramError(f"{'; '.join(errors)}; memcgscope cannot read this kernel's {struct_name}")
+
+
+def kernel_offsets(btf: BTF, memsw: bool) -> dict[str, int]:
+    """The -D values the C needs, from the running kernel's BTF."""
+    memory_cgrp_id = btf.enum_value("memory_cgrp_id")
+    if memory_cgrp_id is None:
+        raise ProgramError("BTF has no memory_cgrp_id: the kernel is built without CONFIG_MEMCG")
+    offsets = {
+        "OFF_MEMCG_CSS_CGROUP": _offset(btf, "mem_cgroup", "css.cgroup"),
+        "OFF_CGROUP_KN": _offset(btf, "cgroup", "kn"),
+        "OFF_KN_ID": _offset(btf, "kernfs_node", "id"),
+        # renamed __parent in 6.14 (RCU-annotated)
+        "OFF_KN_PARENT": _offset(btf, "kernfs_node", "parent", "__parent"),
+        "OFF_OF_KN": _offset(btf, "kernfs_open_file", "kn"),
+        "OFF_MEMCG_MEMORY": _offset(btf, "mem_cgroup", "memory"),
+        # v1's memsw shares a union with v2's swap counter
+        "OFF_MEMCG_MEMSW": _offset(btf, "mem_cgroup", "memsw", "swap"),
+        "OFF_PC_USAGE": _offset(btf, "page_counter", "usage"),
+        "OFF_PC_MAX": _offset(btf, "page_counter", "max"),
+        "OFF_TASK_CGROUPS": _offset(btf, "task_struct", "cgroups"),
+        "OFF_CSS_SET_SUBSYS": _offset(btf, "css_set", "subsys"),
+        "MEMORY_CGRP_ID": memory_cgrp_id,
+    }
+    if _offset(btf, "mem_cgroup", "css") != 0:
+        raise ProgramError("struct mem_cgroup does not start with its css on this kernel; task_memcg() would be wrong")
+    if memsw:
+        offsets["HAVE_MEMSW"] = 1
+    return offsets
+
+
+def _params(n: int) -> str:
+    return ", ".join(f"u64 a{i}" for i in range(n))
+
+
+def _subst(call: str, nargs: int, args_valid: bool) -> str:
+    for i in range(5):
+        call = call.replace(f"A{i}", f"a{i}" if i < nargs else "0")
+    return call.replace("RET", "ret").replace("ARGS_VALID", "1" if args_valid else "0")
+
+
+def build_program(report: Report, mode: str, btf: BTF, *, max_cgroups: int = 4096,
+                  ringbuf_pages: int = 256, use_perf_buffer: bool = False,
+                  fentry_check=None) -> Program:
+    """The program text, flags and probe list for `mode` on the kernel
+    described by `report`. `fentry_check(btf_id)` -> (ok, reason) tests one
+    fentry attach (probes/bpfsys.try_fentry on a live kernel)."""
+    if mode not in ("fentry", "kprobe", "tracepoint"):
+        raise ProgramError(f"unknown mode {mode!r}; use fentry, kprobe or tracepoint")
+    memsw = bool(report.cgroups.v1_memory and report.cgroups.swap_accounting)
+    defines = kernel_offsets(btf, memsw)
+    defines["MAX_CGROUPS"] = max_cgroups
+    defines["RINGBUF_PAGES"] = ringbuf_pages
+    if use_perf_buffer:
+        defines["USE_PERF_BUFFER"] = 1
+    cflags = [f"-D{k}={v}" for k, v in defines.items()] + ["-Wno-macro-redefined", "-Wno-unused-function"]
+
+    with open(SOURCE) as f:
+        text = f.read()
+    parts = [text, "\n// ---- wrappers for mode: " + mode + " ----\n"]
+    probes: list[ProbeStatus] = []
+    kprobes: list[tuple[str, str, bool]] = []
+
+    if mode in ("fentry", "kprobe"):
+        for finding in report.functions:
+            handler = ROLE_HANDLERS.get(finding.role)
+            if handler is None:
+                continue  # reported by doctor, not probed
+            if not finding.present:
+                probes.append(ProbeStatus(finding.role, "/".join(finding.names), mode, False,
+                                          "not in /proc/kallsyms (inlined or not built)"))
+                continue
+            if finding.probeable is False:
+                probes.append(ProbeStatus(finding.role, finding.symbol, mode, False,
+                                          "not in available_filter_functions (notrace or inlined)"))
+                continue
+            symbol = finding.symbol
+            base = symbol.split(".", 1)[0]
+            clone = symbol != base
+            if clone and handler.needs_args:
+                probes.append(ProbeStatus(finding.role, symbol, mode, False,
+                                          f"only the compiler clone {symbol} exists; its arguments may differ"))
+                continue
+            if mode == "fentry":
+                nargs = btf.func_param_count(base)
+                if nargs is None or clone:
+                    probes.append(ProbeStatus(finding.role, symbol, mode, False,
+                                              "no BTF entry for this symbol (fentry needs one)"))
+                    continue
+                if fentry_check is not None:
+                    ok, reason = fentry_check(btf.func_id(base))
+                    if not ok:
+                        probes.append(ProbeStatus(finding.role, base, mode, False, reason))
+                        continue
+                params = _params(nargs)
+                parts.append(f"KFUNC_PROBE({base}{', ' if params else ''}{params}) {{\n"
+                             f"    {_subst(handler.enter, nargs, True)};\n    return 0;\n}}\n")
+                if handler.exit:
+                    parts.append(f"KRETFUNC_PROBE({base}, {params}{', ' if params else ''}u64 ret) {{\n"
+                                 f"    {_subst(handler.exit, nargs, True)};\n    return 0;\n}}\n")
+                probes.append(ProbeStatus(finding.role, base, mode, True))
+            else:
+                args = "".join(f"    u64 a{i} = PT_REGS_PARM{i + 1}(ctx);\n" for i in range(5))
+                fn = f"kp_{finding.role}_enter"
+                parts.append(f"int {fn}(struct pt_regs *ctx) {{\n{args}"
+                             f"    {_subst(handler.enter, 5, not clone)};\n    return 0;\n}}\n")
+                kprobes.append((symbol, fn, False))
+                if handler.exit:
+                    fn_ret = f"kp_{finding.role}_exit"
+                    parts.append(f"int {fn_ret}(struct pt_regs *ctx) {{\n    u64 ret = PT_REGS_RC(ctx);\n"
+                                 f"    {_subst(handler.exit, 0, True)};\n    return 0;\n}}\n")
+                    kprobes.append((symbol, fn_ret, True))
+                probes.append(ProbeStatus(finding.role, symbol, mode, True))
+
+    for tp in TRACEPOINTS:
+        key = (tp.category, tp.name)
+        body = TRACEPOINT_HANDLERS.get(key)
+        if body is None:
+            continue
+        if key in TRACEPOINT_ONLY and mode != "tracepoint":
+            continue
+        if not report.tracepoints.get(tp.full_name):
+            probes.append(ProbeStatus(tp.name, tp.full_name, "tracepoint", False, "tracepoint absent on this kernel"))
+            continue
+        parts.append(f"TRACEPOINT_PROBE({tp.category}, {tp.name}) {{\n    {body}\n    return 0;\n}}\n")
+        probes.append(ProbeStatus(tp.name, tp.full_name, "tracepoint", True))
+
+    if mode == "tracepoint":
+        if not any(p.attached and p.target.startswith("vmscan:") for p in probes):
+            raise ProgramError("tracepoint mode needs vmscan:mm_vmscan_memcg_reclaim_begin/end; "
+                               "mount tracefs (memcgscope doctor says why)")
+    elif not any(p.attached and p.role == "charge_core" for p in probes):
+        why = next((p.reason for p in probes if p.role == "charge_core"), "missing")
+        raise ProgramError(f"{mode} mode cannot probe the charge core ({why}); try --mode tracepoint")
+    return Program(mode, "".join(parts), cflags, probes, kprobes)

@@ -1,0 +1,310 @@
+"""A probing session: pick a mode, compile, attach, stream episodes, read
+the in-kernel aggregates, detach.
+
+    with Session(mode=None) as s:            # None: the best usable mode
+        for probe in s.status(): ...
+        while running:
+            for episode in s.poll(timeout_ms=200): ...
+        aggregates = s.aggregates()
+
+Closing detaches everything; `Session` is a context manager and `close()`
+is idempotent, so normal exit, an exception, SIGINT and SIGTERM (turned into
+an exception by the caller, see collector/record_cmd.py) all detach.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from dataclasses import dataclass, field
+
+from .btf import BTF
+from .bpfsys import try_fentry
+from .detect import Report, detect, kernel_source, tracefs_mounted
+from .episodes import CALLERS, LIMIT_KINDS, EpisodeAssembler, RawEvent, decode
+from .program import Program, ProgramError, ProbeStatus, build_program
+from .sysroot import SysRoot
+
+__all__ = ["Session", "SessionError", "Aggregates", "CgroupAggregate"]
+
+HIST_SLOTS = 32
+KRETPROBE_MAXACTIVE = 512  # tasks sleeping in reclaim hold a kretprobe instance each
+
+
+class SessionError(Exception):
+    """One line: what failed, where, and what to do."""
+
+
+@dataclass
+class CgroupAggregate:
+    charges: dict = field(default_factory=dict)       # calls pages slow fail_enomem fail_eintr fail_other ns
+    charge_latency: dict = field(default_factory=dict)  # log2(ns) slot -> count
+    page_charges: dict = field(default_factory=dict)
+    reclaim: dict = field(default_factory=dict)        # caller -> calls asked freed ns
+    reclaim_latency: dict = field(default_factory=dict)  # caller -> {slot: count}
+    limit_writes: dict = field(default_factory=dict)   # (file, ret) -> count
+    oom: dict = field(default_factory=dict)            # invocations returned_true kills
+    counter_failures: dict = field(default_factory=dict)  # "memory"/"memsw" -> count
+    memcg_events: dict = field(default_factory=dict)   # item -> (count, sum)
+    memcg_state: dict = field(default_factory=dict)
+
+
+@dataclass
+class Aggregates:
+    cgroups: dict[int, CgroupAggregate]
+    lost_per_cpu: list[int]
+
+
+class Session:
+    def __init__(self, mode: str | None = None, *, sysroot: SysRoot | None = None,
+                 report: Report | None = None, max_cgroups: int = 4096, ringbuf_pages: int = 256,
+                 use_perf_buffer: bool = False, on_episode=None):
+        self.requested_mode = mode
+        self.sysroot = sysroot or SysRoot("/")
+        self.report = report
+        self.max_cgroups = max_cgroups
+        self.ringbuf_pages = ringbuf_pages
+        self.use_perf_buffer = use_perf_buffer
+        self.on_episode = on_episode
+        self.bpf = None
+        self.program: Program | None = None
+        self.mode: str | None = None
+        self._probes: list[ProbeStatus] = []
+        self._pending: list = []
+        self._names_cache: dict[str, dict[int, str]] = {}
+        self.assembler: EpisodeAssembler | None = None
+        self.events_seen = 0
+        self._tracefs = None
+
+    # --- life cycle -------------------------------------------------------
+
+    def open(self) -> "Session":
+        if os.geteuid() != 0:
+            raise SessionError("probing needs root (BPF programs); run as root")
+        # bcc reads tracepoint formats and ids from tracefs while compiling
+        # and attaching: keep it mounted for the session when we mount it
+        self._tracefs = tracefs_mounted(self.sysroot)
+        self._tracefs.__enter__()
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _open(self) -> None:
+        report = self.report or detect(self.sysroot)
+        self.report = report
+        mode = self.requested_mode or report.mode
+        if mode is None:
+            raise SessionError(f"no probe mode is usable on this kernel: {report.mode_reason}; see 'memcgscope doctor'")
+        verdict = report.modes.get(mode)
+        if verdict is None:
+            raise SessionError(f"--mode {mode}: unknown mode; use fentry, kprobe or tracepoint")
+        if not verdict.usable:
+            raise SessionError(f"--mode {mode} is not usable here ({verdict.reason}); "
+                               f"see 'memcgscope doctor'" + (f", which suggests {report.mode}" if report.mode else ""))
+        try:
+            btf = BTF.from_file(self.sysroot.path("/sys/kernel/btf/vmlinux"))
+        except Exception as e:
+            raise SessionError(f"{e}") from e
+
+        def fentry_check(btf_id):
+            r = try_fentry(btf_id)
+            return r.state == "ok", r.detail
+
+        try:
+            self.program = build_program(report, mode, btf, max_cgroups=self.max_cgroups,
+                                         ringbuf_pages=self.ringbuf_pages, use_perf_buffer=self.use_perf_buffer,
+                                         fentry_check=fentry_check if mode == "fentry" else None)
+        except ProgramError as e:
+            raise SessionError(str(e)) from e
+        self.mode = mode
+        self._btf = btf
+        self.assembler = EpisodeAssembler(memsw=bool(report.cgroups.v1_memory and report.cgroups.swap_accounting))
+        kind, path, _ = kernel_source(self.sysroot)
+        if kind == "fallback" and path:
+            os.environ["BCC_KERNEL_SOURCE"] = path
+        try:
+            from bcc import BPF
+        except ImportError as e:
+            raise SessionError("python module bcc not importable; run scripts/setup.sh (python3-bpfcc)") from e
+        compiler_output: list[str] = []
+        try:
+            with _captured_stderr(compiler_output):
+                self.bpf = BPF(text=self.program.text, cflags=self.program.cflags)
+        except Exception as e:
+            self.close()
+            first_error = next((line for line in compiler_output if "error" in line), "")
+            detail = first_error or (str(e).splitlines()[0] if str(e) else repr(e))
+            raise SessionError(f"compiling or loading the {mode} program failed: {detail} "
+                               f"(MEMCGSCOPE_DEBUG_BPF=1 shows everything)") from e
+        self._probes = list(self.program.probes)
+        self._attach_kprobes()
+        self._open_events()
+
+    def _attach_kprobes(self) -> None:
+        by_role: dict[str, list[bool]] = {}
+        failures: dict[str, str] = {}
+        for symbol, fn, is_ret in self.program.kprobes:
+            role = fn[len("kp_"):].rsplit("_", 1)[0]
+            try:
+                if is_ret:
+                    self.bpf.attach_kretprobe(event=symbol, fn_name=fn, maxactive=KRETPROBE_MAXACTIVE)
+                else:
+                    self.bpf.attach_kprobe(event=symbol, fn_name=fn)
+                by_role.setdefault(role, []).append(True)
+            except Exception as e:
+                by_role.setdefault(role, []).append(False)
+                failures[role] = f"attach failed: {e}"
+        for p in self._probes:
+            if p.kind == "kprobe" and p.attached and not all(by_role.get(p.role, [False])):
+                p.attached = False
+                p.reason = failures.get(p.role, "attach failed")
+        core = next((p for p in self._probes if p.role == "charge_core"), None)
+        if core is not None and not core.attached:
+            raise SessionError(f"kprobe on {core.target} failed ({core.reason}); try --mode tracepoint")
+
+    def _open_events(self) -> None:
+        def callback(*args):
+            data = args[1]
+            raw = ctypes.cast(data, ctypes.POINTER(RawEvent)).contents
+            self._pending.append(decode(raw))
+            return 0
+
+        if self.use_perf_buffer:
+            def lost_cb(count):
+                self._perf_lost += count
+            self._perf_lost = 0
+            self.bpf["events"].open_perf_buffer(callback, page_cnt=self.ringbuf_pages, lost_cb=lost_cb)
+        else:
+            self.bpf["events"].open_ring_buffer(callback)
+        self._callback = callback  # keep a reference: bcc holds only a C pointer
+
+    def close(self) -> None:
+        if self.bpf is not None:
+            bpf, self.bpf = self.bpf, None
+            try:
+                bpf.cleanup()
+            except Exception:
+                pass
+        tracefs, self._tracefs = self._tracefs, None
+        if tracefs is not None:
+            tracefs.__exit__(None, None, None)
+
+    def __enter__(self) -> "Session":
+        if self.bpf is None:
+            self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- reading ----------------------------------------------------------
+
+    def poll(self, timeout_ms: int = 100) -> list:
+        """Waits up to timeout_ms for events; returns completed episodes."""
+        if self.bpf is None:
+            raise SessionError("session is closed")
+        if self.use_perf_buffer:
+            self.bpf.perf_buffer_poll(timeout=timeout_ms)
+        else:
+            self.bpf.ring_buffer_poll(timeout=timeout_ms)
+        return self._drain_pending()
+
+    def _drain_pending(self) -> list:
+        events, self._pending = self._pending, []
+        self.events_seen += len(events)
+        out = []
+        for e in events:
+            out.extend(self.assembler.feed(e))
+        if self.on_episode:
+            for ep in out:
+                self.on_episode(ep)
+        return out
+
+    def finish(self) -> list:
+        """Consumes what is buffered and returns it plus episodes left open."""
+        if self.bpf is not None and not self.use_perf_buffer:
+            self.bpf.ring_buffer_consume()
+        return self._drain_pending() + self.assembler.flush()
+
+    def status(self) -> list[ProbeStatus]:
+        return list(self._probes)
+
+    def lost(self) -> list[int]:
+        if self.bpf is None:
+            return []
+        counts = [int(v) for v in self.bpf["lost"][ctypes.c_int(0)]]
+        if self.use_perf_buffer:
+            counts[0] += self._perf_lost
+        return counts
+
+    def item_names(self, kind: str) -> dict[int, str]:
+        """Kernel enum names for memcg:* tracepoint items (they differ between builds)."""
+        if kind not in self._names_cache:
+            if kind == "events":
+                names = self._btf.enumerators("vm_event_item")
+            else:
+                names = dict(self._btf.enumerators("node_stat_item"))
+                names.update(self._btf.enumerators("memcg_stat_item"))
+                # lruvec items are marked with bit 16 by the BPF side
+                names.update({k | 0x10000: "lruvec_" + v for k, v in self._btf.enumerators("node_stat_item").items()})
+            self._names_cache[kind] = names
+        return self._names_cache[kind]
+
+    def aggregates(self) -> Aggregates:
+        """The in-kernel per-cgroup maps, read without stopping the probes."""
+        if self.bpf is None:
+            raise SessionError("session is closed")
+        out: dict[int, CgroupAggregate] = {}
+
+        def agg(cgid: int) -> CgroupAggregate:
+            return out.setdefault(int(cgid), CgroupAggregate())
+
+        fields = ("calls", "pages", "slow", "fail_enomem", "fail_eintr", "fail_other", "ns")
+        for k, v in self.bpf["charge_stats"].items():
+            agg(k.value).charges = {f: int(getattr(v, f)) for f in fields}
+        for k, v in self.bpf["page_charge_stats"].items():
+            agg(k.value).page_charges = {f: int(getattr(v, f)) for f in fields}
+        for k, v in self.bpf["charge_lat"].items():
+            agg(k.cgid).charge_latency[int(k.slot)] = int(v.value)
+        for k, v in self.bpf["reclaim_stats"].items():
+            agg(k.cgid).reclaim[CALLERS.get(k.caller, "other")] = {
+                "calls": int(v.calls), "asked": int(v.asked), "freed": int(v.freed), "ns": int(v.ns)}
+        for k, v in self.bpf["reclaim_lat"].items():
+            agg(k.cgid).reclaim_latency.setdefault(CALLERS.get(k.caller, "other"), {})[int(k.slot)] = int(v.value)
+        for k, v in self.bpf["limit_stats"].items():
+            agg(k.cgid).limit_writes[(LIMIT_KINDS.get(k.kind, str(k.kind)), int(k.ret))] = int(v.value)
+        for k, v in self.bpf["oom_stats"].items():
+            agg(k.value).oom = {"invocations": int(v.invocations), "returned_true": int(v.returned_true),
+                                "kills": int(v.kills)}
+        for k, v in self.bpf["counter_fails"].items():
+            agg(k.cgid).counter_failures["memsw" if k.counter else "memory"] = int(v.value)
+        event_names, state_names = self.item_names("events"), self.item_names("state")
+        for k, v in self.bpf["memcg_events"].items():
+            agg(k.cgid).memcg_events[event_names.get(int(k.item), str(k.item))] = (int(v.count), int(v.sum))
+        for k, v in self.bpf["memcg_state"].items():
+            agg(k.cgid).memcg_state[state_names.get(int(k.item), str(k.item))] = (int(v.count), int(v.sum))
+        return Aggregates(out, self.lost())
+
+
+@contextlib.contextmanager
+def _captured_stderr(lines: list[str]):
+    """bcc's clang prints warnings about fallback headers on fd 2: keep them
+    from the user's terminal, but hand them back for the error message."""
+    if os.environ.get("MEMCGSCOPE_DEBUG_BPF"):
+        yield
+        return
+    import tempfile
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines.extend(tmp.read().decode(errors="replace").splitlines())
