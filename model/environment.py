@@ -53,7 +53,7 @@ class SimTask:
 class TouchResult:
     """What a touch did: pages charged, every slow-path charge result, the
     tasks killed, and how it ended: ``done``, ``killed`` (the toucher
-    died), ``stuck`` (its faults kept failing), ``oom_wait`` (v1
+    died), ``dying`` (a dying toucher's fault failed), ``stuck`` (its faults kept failing), ``oom_wait`` (v1
     oom_kill_disable: it sleeps in mem_cgroup_oom_synchronize)."""
     anon: int = 0
     file: int = 0
@@ -210,6 +210,10 @@ class Environment:
                 if t.task.memcg_in_oom is not None:
                     t.waiting_oom = True
                     res.end = "oom_wait"
+                    break
+                if t.task.dying:
+                    # the fault fails and the task dies on its way out
+                    res.end = "dying"
                     break
                 failures += 1
                 if failures > max_fault_retries:

@@ -27,7 +27,8 @@ Per op, optional: ``cpu``; for charge/write ``reclaim = [pages, ...]`` (the
 reclaim oracle's answers, in order, then 0; default: the environment),
 ``drain = "all" | "local" | "skipped"``, ``oom = [true, false, ...]`` (what
 out_of_memory() returns, in order; default: the environment kills);
-for charge ``pages``, ``gfp`` and ``flags = ["PF_MEMALLOC", "DYING"]``;
+for charge ``pages``, ``gfp`` and ``flags = ["PF_MEMALLOC", "DYING"]`` (op
+``flags`` sets them for a ``task``, or for later charge ops);
 for write ``file``, ``value``, ``signal_pending``, ``nonblock``.
 """
 
@@ -57,7 +58,7 @@ _OP_KEYS = {
     "read": {"cgroup", "file"},
     "spawn": {"task", "cgroup"},
     "exit": {"task"},
-    "flags": {"flags"},
+    "flags": {"flags", "task"},
     "return_to_user": {"cgroup", "reclaim"},
 }
 _COMMON = {"op", "expect", "note"}
@@ -102,6 +103,7 @@ class Scenario:
     env: Environment
     ops: list
     setup: list
+    default_flags: list = field(default_factory=list)
 
 
 def _err(name, where, msg):
@@ -314,7 +316,7 @@ def _run_op(sc: Scenario, i: int, op: dict) -> OpResult:
         if pages < 1:
             raise _err(name, f"{where}.pages", "charge at least 1 page")
         gfp = _gfp(name, f"{where}.gfp", op.get("gfp", "KERNEL"), k.profile)
-        flags = op.get("flags", [])
+        flags = op.get("flags", sc.default_flags)
         if not isinstance(flags, list) or any(f not in _FLAGS for f in flags):
             raise _err(name, f"{where}.flags", f"{flags!r}; use a list of {', '.join(_FLAGS)}")
         task = Task(pf_memalloc="PF_MEMALLOC" in flags, dying="DYING" in flags,
@@ -363,8 +365,17 @@ def _run_op(sc: Scenario, i: int, op: dict) -> OpResult:
         flags = need("flags")
         if not isinstance(flags, list) or any(f not in _FLAGS for f in flags):
             raise _err(name, f"{where}.flags", f"{flags!r}; use a list of {', '.join(_FLAGS)}")
-        k.set_task_flags(pf_memalloc="PF_MEMALLOC" in flags, dying="DYING" in flags)
-        return OpResult(i, kind, f"default task flags: {flags}", 0)
+        if "task" not in op:
+            sc.default_flags = list(flags)  # for later charge ops without flags
+            return OpResult(i, kind, f"charge ops now run with flags {flags}", 0)
+        t = env.tasks.get(op["task"])
+        if t is None:
+            raise _err(name, f"{where}.task", f"no task {op['task']!r}; add it under [tasks]")
+        t.task.pf_memalloc = "PF_MEMALLOC" in flags
+        t.task.dying = "DYING" in flags
+        t.task.in_user_fault = "NOT_USER_FAULT" not in flags
+        t.task.signal_pending = "SIGNAL_PENDING" in flags
+        return OpResult(i, kind, f"task {t.name} flags {flags}", 0)
     # return_to_user
     m = _cgroup(k, name, f"{where}.cgroup", need("cgroup"))
     r = k.return_to_user(m, reclaim=oracles()["reclaim"])

@@ -132,3 +132,33 @@ def test_cli_text_json_and_exit_codes(tmp_path, capsys):
     wrong = tmp_path / "wrong.toml"
     wrong.write_text(BASE + '[[ops]]\nop = "charge"\ncgroup = "a"\nexpect = "-ENOMEM"\n')
     assert run_cli([str(wrong)]) == 1
+
+
+def test_flags_op_for_later_charges_and_for_a_task():
+    text = BASE + '''
+[tasks]
+t = "a"
+[[ops]]
+op = "charge"
+cgroup = "a"
+pages = 256
+[[ops]]
+op = "flags"
+flags = ["PF_MEMALLOC"]
+[[ops]]
+op = "charge"
+cgroup = "a"
+expect = 0
+[[ops]]
+op = "flags"
+task = "t"
+flags = ["DYING"]
+[[ops]]
+op = "touch"
+task = "t"
+anon = 1
+expect = "dying"
+'''
+    r = run_scenario(text)
+    assert [s.kind for s in r[2].steps if s.kind == "force"] == ["force"]
+    assert r[4].ok, r[4].summary
