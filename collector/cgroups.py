@@ -32,7 +32,7 @@ from typing import Callable, Iterable
 from memcgscope.probes.sysroot import SysRoot
 
 __all__ = [
-    "CgroupError", "MemoryHierarchy", "find_memory_hierarchy", "CgroupResolver",
+    "CgroupError", "MemoryHierarchy", "find_memory_hierarchy", "CgroupResolver", "resolver_for",
     "matches", "CgroupLimiter", "OTHER",
 ]
 
@@ -191,6 +191,14 @@ class CgroupResolver:
         self._paths = paths
         for ino in paths:
             self._negative.pop(ino, None)
+
+
+def resolver_for(sysroot: SysRoot | None = None, **kwargs) -> tuple[MemoryHierarchy, CgroupResolver]:
+    """The memory hierarchy and a resolver over its mount; `kwargs` go to
+    CgroupResolver (rescan_interval, negative_ttl, negative_max, clock)."""
+    sysroot = sysroot or SysRoot("/")
+    h = find_memory_hierarchy(sysroot)
+    return h, CgroupResolver(sysroot.path(h.mountpoint), **kwargs)
 
 
 # --- the --cgroup filter -----------------------------------------------------------

@@ -351,7 +351,7 @@ class _BasicAuth:
         self.bcrypt_calls = 0  # for tests: proves the cache is used
 
     def check(self, header: str | None) -> bool:
-        if header is None or not header.startswith("Basic "):
+        if header is None or header[:6].lower() != "basic ":  # the scheme is case-insensitive (RFC 7617)
             return False
         try:
             decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
@@ -599,6 +599,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _reply(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8",
                extra: Mapping[str, str] | None = None):
         self.send_response(status)
+        if self.command not in ("GET", "HEAD") or "Content-Length" in self.headers \
+                or "Transfer-Encoding" in self.headers:
+            # A request body we did not read would be parsed as the next
+            # request on a kept-alive connection: close it instead.
+            self.close_connection = True
+            self.send_header("Connection", "close")
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         for name, value in {**self.app.headers, **(extra or {})}.items():

@@ -295,3 +295,24 @@ def test_two_servers_share_one_registry_and_its_self_metric(start, registry):
     assert "memcgscope_scrape_duration_seconds" in get(b.url + "/metrics")[2].decode()
     b.shutdown()
     assert [m.name for m in registry.collect()] == ["memcgscope_test_value"]
+
+
+def test_an_unread_request_body_closes_the_connection(start):
+    # Were the connection kept, the body "GET /x ..." would be answered as a
+    # second request.
+    s = start()
+    with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+        smuggled = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+        c.sendall(b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(smuggled), smuggled))
+        data = b""
+        while chunk := c.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 405 ") and b"Connection: close" in data
+    assert data.count(b"HTTP/1.1 ") == 1
+
+
+def test_basic_auth_scheme_is_case_insensitive(start, user_hash):
+    user, password, hashed = user_hash
+    s = start(web_config=parse_web_config(f"basic_auth_users:\n  {user}: '{hashed}'\n"))
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    assert get(s.url + "/metrics", headers={"Authorization": "basic " + token})[0] == 200

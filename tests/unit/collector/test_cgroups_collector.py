@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from memcgscope.collector import cgroups
 from memcgscope.collector.cgroups import (OTHER, CgroupError, CgroupLimiter, CgroupResolver, MemoryHierarchy,
-                                          find_memory_hierarchy, matches)
+                                          find_memory_hierarchy, matches, resolver_for)
 from memcgscope.probes.sysroot import SysRoot
 
 pytestmark = pytest.mark.unit
@@ -367,3 +367,11 @@ def test_limiter_never_exceeds_its_bound_and_labels_are_stable(n, ops):
                 assert got == path  # a path keeps its label until its slot is released
             if got == path:
                 holding.add(path)
+
+
+def test_resolver_for_a_captured_sysroot():
+    s = SysRoot(str(SYSROOTS / "host-6.18-v1"))
+    h, r = resolver_for(s)
+    assert h.mountpoint == "/sys/fs/cgroup/memory"
+    assert r.mountpoint == s.path("/sys/fs/cgroup/memory")
+    assert r.path(ino(r.mountpoint)) == "/"
