@@ -38,9 +38,9 @@ import errno as _errno
 import tomllib
 from dataclasses import dataclass, field
 
-from .context import OomOutcome, ReclaimResult, Task
+from .context import OomOutcome, Task
 from .environment import Environment
-from .gfp import GFP, parse_gfp
+from .gfp import parse_gfp
 from .kernel import Kernel
 from .page_counter import PAGE_SIZE, memparse
 from .profiles import PROFILES

@@ -3,7 +3,7 @@
 import errno
 
 import pytest
-from model_helpers import ALL, drop_stock, fill, freeing, limited, pages
+from model_helpers import ALL, fill, freeing, limited, pages
 
 from memcgscope.model import GFP, Kernel, OomOutcome, Task
 

@@ -6,7 +6,7 @@ import errno
 import pytest
 from model_helpers import ALL, fill, freeing, limited, pages
 
-from memcgscope.model import GFP, Kernel, OomOutcome, Task
+from memcgscope.model import GFP, Kernel, OomOutcome
 
 pytestmark = pytest.mark.unit
 
@@ -195,3 +195,21 @@ def test_write_to_a_read_only_or_missing_file():
     assert k.write(a, "memory.current", "0") == -errno.EACCES
     assert k.write(a, "memory.limit_in_bytes", "1M") == -errno.ENOENT
     assert k.write(a, "memory.peak", "reset") == -errno.EACCES  # 6.1: read-only
+
+
+@pytest.mark.parametrize("profile", ["6.1", "6.12"])
+def test_same_shrink_v1_ebusy_v2_oom_kill(profile):
+    """The same shrink over unreclaimable pages: v1 refuses, v2 kills."""
+    outcomes = {}
+    for cgroup, limit in (("v1", "memory.limit_in_bytes"), ("v2", "memory.max")):
+        k, a = limited(profile, cgroup, 1000)
+        fill(k, a, 600)
+        killed = []
+
+        def oom(target, order, gfp, a=a):
+            killed.append(target.path)
+            return OomOutcome(True, victim=a, freed=a.charged)
+        r = k.write_ex(a, limit, pages(200), oom=oom)
+        outcomes[cgroup] = (r.ret, len(r.of("reclaim")), killed, a.memory.max)
+    assert outcomes["v1"] == (-errno.EBUSY, 1, [], 1000)
+    assert outcomes["v2"] == (0, 16, ["/a"], 200)
