@@ -58,8 +58,7 @@ def _v1_root_usage(kernel, swap: bool) -> int:
 
 
 def _oom_control(kernel, m) -> str:
-    under = any(t.memcg_in_oom is not None and m.is_descendant(t.memcg_in_oom)
-                for t in kernel.oom_waiters)
+    under = kernel.under_oom(m)
     return (f"oom_kill_disable {int(m.oom_kill_disable)}\n"
             f"under_oom {int(under)}\n"
             f"oom_kill {m.event('oom_kill')}\n")

@@ -27,6 +27,9 @@ from .vmscan import SWAP_CLUSTER_MAX
 __all__ = ["Environment", "SimTask", "TouchResult", "mib"]
 
 
+_PLAIN_CHARGE = {"counter_charge", "restock", "stock_drain", "high_over"}
+
+
 def mib(n: float) -> int:
     """Pages in ``n`` MiB."""
     return int(n * (1 << 20)) // PAGE_SIZE
@@ -59,7 +62,8 @@ class TouchResult:
     file: int = 0
     charges: int = 0
     stock_hits: int = 0
-    slow: list = field(default_factory=list)
+    stock_misses: int = 0   # counters charged without trouble
+    slow: list = field(default_factory=list)  # results of charges that hit a limit
     killed: list = field(default_factory=list)
     end: str = "done"
 
@@ -188,9 +192,12 @@ class Environment:
                 r = self.kernel.charge(t.cgroup, 1, gfp, cpu, reclaim=self.reclaim,
                                        task=t.task, oom=self.oom)
                 res.charges += 1
-                if r.steps and r.steps[0].kind == "stock_hit":
+                kinds = {s.kind for s in r.steps}
+                if kinds == {"stock_hit"}:
                     res.stock_hits += 1
-                elif len(r.steps) > 1 or r.ret:
+                elif r.ret == 0 and kinds <= _PLAIN_CHARGE:
+                    res.stock_misses += 1
+                else:
                     res.slow.append(r)
                 if r.ret == 0:
                     failures = 0

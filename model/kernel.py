@@ -114,12 +114,16 @@ class Kernel:
             task.memcg_in_oom = None
             self.oom_waiters = [t for t in self.oom_waiters if t is not task]
 
+    def under_oom(self, memcg) -> bool:
+        """memcg->under_oom: a task waits on an OOM of it or of an ancestor
+        (mem_cgroup_mark_under_oom marks the whole subtree)."""
+        return any(t.memcg_in_oom is not None and memcg.is_descendant(t.memcg_in_oom)
+                   for t in self.oom_waiters)
+
     def memcg_oom_recover(self, memcg) -> None:
-        """Wake tasks waiting on an OOM of ``memcg`` (they retry their fault;
-        the model leaves that to the caller)."""
-        if any(t.memcg_in_oom is not None and memcg.is_descendant(t.memcg_in_oom)
-               or t.memcg_in_oom is not None and t.memcg_in_oom.is_descendant(memcg)
-               for t in self.oom_waiters):
+        """Wake the tasks waiting on an OOM of ``memcg`` if it is under OOM
+        (they retry their fault; the model leaves that to the caller)."""
+        if self.under_oom(memcg):
             self.oom_wakeups += 1
 
     # -- the charge path -----------------------------------------------------------

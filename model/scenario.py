@@ -307,7 +307,8 @@ def _run_op(sc: Scenario, i: int, op: dict) -> OpResult:
         r = env.touch(t.name, anon=anon, file=file, gfp=gfp, cpu=cpu)
         steps = [s for res in r.slow for s in res.steps]
         summ = (f"{t.name}: {r.anon} anon + {r.file} file pages charged in {r.charges} charges "
-                f"({r.stock_hits} stock hits, {len(r.slow)} stock misses, {r.reclaims} reclaim calls)"
+                f"({r.stock_hits} stock hits, {r.stock_misses} stock misses, {len(r.slow)} over a "
+                f"limit, {r.reclaims} reclaim calls)"
                 f"{'; OOM killed ' + ', '.join(r.killed) if r.killed else ''}; {r.end}")
         return OpResult(i, kind, summ, r.end, steps)
     if kind == "charge":
