@@ -469,3 +469,83 @@ def test_pf_memalloc_skips_the_synchronous_high_reclaim():
     k.write(a, "memory.high", pages(10))
     r = k.charge(a, 65, task=Task(pf_memalloc=True))
     assert r.of("high_over") and r.of("reclaim") == []
+
+
+# -- more memory.high ---------------------------------------------------------------
+
+def test_small_overage_gives_up_without_sleeping():
+    k = Kernel("6.1", cgroup="v2")
+    a = k.mkdir("a")
+    k.write(a, "memory.high", pages(10000))
+    fill(k, a, 10000)
+    # 0.65 % over: the quadratic penalty (0.0065² · 2^6 · HZ) is 0 jiffies
+    r = k.charge(a, 65)
+    assert len(r.of("reclaim")) == 1
+    assert r.of("high_throttle")[0].slept is False and r.of("high_throttle")[0].jiffies <= 2
+
+
+@pytest.mark.parametrize("hz,cap", [(250, 500), (1000, 2000)])
+def test_throttle_is_capped_at_two_seconds(hz, cap):
+    k = Kernel("6.1", cgroup="v2", hz=hz)
+    a = k.mkdir("a")
+    k.write(a, "memory.high", pages(10))
+    r = k.charge(a, 500)
+    assert r.of("high_throttle")[0].jiffies == cap
+
+
+def test_calculate_high_delay_matches_the_kernel_formula():
+    from memcgscope.model.charge import _calculate_overage, calculate_high_delay
+    overage = _calculate_overage(1100, 1000)           # 10 % over
+    assert overage == (100 << 20) // 1000
+    # penalty = overage² · HZ >> 34, scaled by nr_pages / BATCH
+    assert calculate_high_delay(64, overage, 250, 64) == (overage * overage * 250) >> 34
+    assert calculate_high_delay(128, overage, 250, 64) == 2 * ((overage * overage * 250) >> 34)
+    assert calculate_high_delay(64, 0, 250, 64) == 0
+
+
+def test_high_walk_finds_an_ancestor_and_reclaim_high_walks_up():
+    k = Kernel("6.1", cgroup="v2")
+    p = k.mkdir("p")
+    c = k.mkdir("p/c")
+    k.write(p, "memory.high", pages(10))
+    r = k.charge(c, 65, reclaim=freeing(60))
+    assert r.of("high_over")[0].cgroup == "/p"
+    highs = [s.cgroup for s in r.of("event") if s.name == "high"]
+    assert highs[0] == "/p" and "/p/c" not in highs
+    assert r.of("reclaim")[0].target == "/p"
+
+
+def test_oom_group_kill_event():
+    k, a = limited("6.1", "v2", 10)
+    fill(k, a, 10)
+    r = k.charge(a, 1, oom=lambda t, o, g: OomOutcome(True, victim=a, freed=10, group=True))
+    assert r.ret == 0 and r.of("oom_kill")[0].group
+    assert "oom_group_kill 1" in k.read(a, "memory.events")
+
+
+def test_uncharge_must_match_a_charge():
+    k = Kernel("6.1", cgroup="v2")
+    a = k.mkdir("a")
+    k.charge(a, 5)
+    with pytest.raises(ValueError, match="no earlier charge matches"):
+        k.uncharge(a, 6)
+    k.uncharge(a, 5)
+    assert a.memory.usage == 64 - 5  # the stock stays charged
+
+
+def test_profiles_by_release_and_errors():
+    from memcgscope.model import get_profile
+    assert get_profile("6.1.0-18-amd64").name == "6.1"
+    assert get_profile("6.12.19").name == "6.12"
+    assert get_profile("5.10.13").name == "5.10.0"
+    assert get_profile("5.10.265").name == "5.10"
+    with pytest.raises(ValueError, match="5.10.60–5.10.79 were not read"):
+        get_profile("5.10.70")
+    with pytest.raises(ValueError, match="unknown kernel profile '4.19'"):
+        Kernel("4.19")
+    with pytest.raises(ValueError, match="cgroup must be"):
+        Kernel("6.1", cgroup="v3")
+    with pytest.raises(ValueError, match="cpus must be"):
+        Kernel("6.1", cpus=0)
+    with pytest.raises(ValueError, match="cpu 2 out of range"):
+        Kernel("6.1", cpus=2).charge(Kernel("6.1").root, 1, cpu=2)
