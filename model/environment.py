@@ -175,7 +175,8 @@ class Environment:
     def touch(self, name: str, anon: int = 0, file: int = 0, gfp: int | None = None,
               cpu: int = 0, max_fault_retries: int = 8) -> TouchResult:
         """The task touches ``anon`` new anon pages then ``file`` page-cache
-        pages, one fault (one 1-page charge) each.  A failed charge makes
+        pages, one fault (one 1-page charge) each; memory.high debt is paid
+        on each return to user space.  A failed charge makes
         the fault retry (pagefault_out_of_memory), up to
         ``max_fault_retries`` times in a row."""
         t = self.task(name)
@@ -199,6 +200,11 @@ class Environment:
                     res.stock_misses += 1
                 else:
                     res.slow.append(r)
+                if t.task.memcg_nr_pages_over_high:
+                    # set_notify_resume: the high debt is paid on the way back
+                    # to user space after this fault
+                    res.slow.append(self.kernel.return_to_user(t.cgroup, self.reclaim,
+                                                               task=t.task))
                 if r.ret == 0:
                     failures = 0
                     if not t.alive:

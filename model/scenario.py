@@ -59,7 +59,7 @@ _OP_KEYS = {
     "spawn": {"task", "cgroup"},
     "exit": {"task"},
     "flags": {"flags", "task"},
-    "return_to_user": {"cgroup", "reclaim"},
+    "return_to_user": {"task", "reclaim"},
 }
 _COMMON = {"op", "expect", "note"}
 _FLAGS = {"PF_MEMALLOC": "pf_memalloc", "DYING": "dying", "NOT_USER_FAULT": "not_user_fault",
@@ -378,9 +378,12 @@ def _run_op(sc: Scenario, i: int, op: dict) -> OpResult:
         t.task.signal_pending = "SIGNAL_PENDING" in flags
         return OpResult(i, kind, f"task {t.name} flags {flags}", 0)
     # return_to_user
-    m = _cgroup(k, name, f"{where}.cgroup", need("cgroup"))
-    r = k.return_to_user(m, reclaim=oracles()["reclaim"])
-    return OpResult(i, kind, f"return to user in {m.path} ({_summ_steps(r.steps)})", 0, r.steps)
+    t = env.tasks.get(need("task"))
+    if t is None:
+        raise _err(name, f"{where}.task", f"no task {op['task']!r}; add it under [tasks]")
+    r = k.return_to_user(t.cgroup, reclaim=oracles()["reclaim"], task=t.task)
+    return OpResult(i, kind, f"{t.name} returns to user ({_summ_steps(r.steps) or 'nothing owed'})",
+                    0, r.steps)
 
 
 def run_scenario(text: str, name: str = "scenario.toml") -> list[OpResult]:

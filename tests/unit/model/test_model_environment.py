@@ -112,3 +112,19 @@ def test_exit_frees_anon_and_keeps_page_cache():
     env.touch("t", anon=100, file=50)
     env.exit("t")
     assert a.charged == 50 and env.file[a] == 50
+
+
+@pytest.mark.parametrize("profile", ["5.15", "6.1"])
+def test_memory_high_is_paid_on_return_to_user(profile):
+    env = Environment(Kernel(profile, cgroup="v2"))
+    k = env.kernel
+    a = k.mkdir("a")
+    k.write(a, "memory.high", "10M")
+    env.spawn("t", a)
+    env.touch("t", file=mib(20))
+    r = env.touch("t", anon=mib(5))
+    assert r.end == "done" and r.killed == []
+    assert a.event("high") > 0 and a.event("max") == 0
+    # page cache was reclaimed down towards high; usage stays near it
+    assert a.memory.usage <= mib(10) + 2 * k.profile.charge_batch
+    assert env.tasks["t"].task.memcg_nr_pages_over_high == 0
