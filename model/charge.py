@@ -21,6 +21,10 @@ __all__ = ["MAX_RECLAIM_RETRIES", "try_charge_memcg", "mem_cgroup_handle_over_hi
            "reclaim_high", "calculate_high_delay"]
 
 MAX_RECLAIM_RETRIES = 16
+#: The kernel can loop for as long as reclaim reports progress or the OOM
+#: killer reports success; the model stops a call after this many passes so
+#: that an oracle which never frees anything cannot hang it.
+MAX_MODEL_PASSES = 100_000
 MEMCG_DELAY_PRECISION_SHIFT = 20
 MEMCG_DELAY_SCALING_SHIFT = 14
 
@@ -58,8 +62,15 @@ def try_charge_memcg(ctx, memcg, gfp: int, nr_pages: int) -> int:
     def retry(reason):
         steps.append(Retry(memcg.path, reason, retries))
 
+    passes = 0
     try:
         while True:  # retry:
+            passes += 1
+            if passes > MAX_MODEL_PASSES:
+                raise RuntimeError(
+                    f"try_charge of {nr_pages} pages to {memcg.path} still retrying after "
+                    f"{MAX_MODEL_PASSES} passes: the reclaim or oom oracle keeps reporting "
+                    f"progress that frees nothing")
             if consume_stock(k, memcg, nr_pages, ctx.cpu):
                 memcg.charged += nr_pages
                 steps.append(StockHit(memcg.path, ctx.cpu, nr_pages))
@@ -74,7 +85,7 @@ def try_charge_memcg(ctx, memcg, gfp: int, nr_pages: int) -> int:
                     over = fail.owner
                     may_swap = False  # swapping does not lower memsw
                     steps.append(CounterFail(memcg.path, "memsw", batch, over.path,
-                                             fail.track_failcnt))
+                                             memcg.memsw.track_failcnt))
             if over is None:
                 ok, fail = memcg.memory.try_charge(batch)
                 if ok:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import errno
 
-from .charge import MAX_RECLAIM_RETRIES
+from .charge import MAX_MODEL_PASSES, MAX_RECLAIM_RETRIES
 from .gfp import GFP
 from .memcg import memcg_memory_event
 from .oom import mem_cgroup_out_of_memory
@@ -34,7 +34,7 @@ def mem_cgroup_resize_max(ctx, memcg, max_pages: int, memsw: bool) -> int:
     counter = memcg.memsw if memsw else memcg.memory
     enlarge = False
     drained = False
-    while True:
+    for _ in range(MAX_MODEL_PASSES):
         if ctx.task.signal_pending:
             ret = -errno.EINTR
             break
@@ -60,6 +60,9 @@ def mem_cgroup_resize_max(ctx, memcg, max_pages: int, memsw: bool) -> int:
                                             reason="limit"):
             ret = -errno.EBUSY
             break
+    else:
+        raise RuntimeError(f"resize of {memcg.path} still looping after {MAX_MODEL_PASSES} "
+                           f"passes: the reclaim oracle reports progress that frees nothing")
     if ret == 0 and enlarge:
         ctx.kernel.memcg_oom_recover(memcg)
     return ret
@@ -77,7 +80,7 @@ def memory_max_write(ctx, memcg, max_pages: int, nonblock: bool = False) -> None
         return
     nr_reclaims = MAX_RECLAIM_RETRIES
     drained = False
-    while True:
+    for _ in range(MAX_MODEL_PASSES):
         usage = memcg.memory.usage
         if usage <= max_pages:
             break
@@ -98,6 +101,10 @@ def memory_max_write(ctx, memcg, max_pages: int, nonblock: bool = False) -> None
         ctx.steps.append(Oom(memcg.path, 0, how, ok))
         if not ok:
             break
+    else:
+        raise RuntimeError(f"memory.max write to {memcg.path} still looping after "
+                           f"{MAX_MODEL_PASSES} passes: the oom oracle keeps succeeding "
+                           f"without freeing anything")
 
 
 def memory_high_write(ctx, memcg, high_pages: int, nonblock: bool = False) -> None:
@@ -110,7 +117,7 @@ def memory_high_write(ctx, memcg, high_pages: int, nonblock: bool = False) -> No
         return
     retries = MAX_RECLAIM_RETRIES
     drained = False
-    while True:
+    for _ in range(MAX_MODEL_PASSES):
         usage = memcg.memory.usage
         if usage <= high_pages:
             break
@@ -135,7 +142,9 @@ def memory_reclaim(ctx, memcg, nr_to_reclaim: int) -> int:
     (later kernels cap the batch; not modelled)."""
     retries = MAX_RECLAIM_RETRIES
     done = 0
-    while done < nr_to_reclaim:
+    for _ in range(MAX_MODEL_PASSES):
+        if done >= nr_to_reclaim:
+            break
         if ctx.task.signal_pending:
             return -errno.EINTR
         reclaimed = try_to_free_mem_cgroup_pages(ctx, memcg, nr_to_reclaim - done, GFP.KERNEL,
@@ -145,5 +154,5 @@ def memory_reclaim(ctx, memcg, nr_to_reclaim: int) -> int:
                 return -errno.EAGAIN
             retries -= 1
         done += reclaimed
-    return 0
+    return 0 if done >= nr_to_reclaim else -errno.EAGAIN
 

@@ -213,3 +213,25 @@ def test_same_shrink_v1_ebusy_v2_oom_kill(profile):
         outcomes[cgroup] = (r.ret, len(r.of("reclaim")), killed, a.memory.max)
     assert outcomes["v1"] == (-errno.EBUSY, 1, [], 1000)
     assert outcomes["v2"] == (0, 16, ["/a"], 200)
+
+
+def test_an_oracle_that_never_frees_cannot_hang_the_model(monkeypatch):
+    from memcgscope.model import charge, limits
+    monkeypatch.setattr(charge, "MAX_MODEL_PASSES", 200)
+    monkeypatch.setattr(limits, "MAX_MODEL_PASSES", 200)
+    k, a = limited("6.1", "v1", 10)
+    k2, b = limited("6.1", "v2", 10)
+    for kk, m in ((k, a), (k2, b)):
+        fill(kk, m, 10)
+        with pytest.raises(RuntimeError, match="still retrying"):
+            kk.charge(m, 1, oom=lambda t, o, g: True)   # "success" that frees nothing
+    # only another CPU's stock (its drain still pending) holds the usage:
+    # reclaim "frees" a page each call yet usage never drops
+    k3, c = limited("6.1", "v1", 1000, cpus=2)
+    k3.charge(c, 1, cpu=1)
+    k3.uncharge(c, 1)
+    with pytest.raises(RuntimeError, match="still looping"):
+        k3.write(c, "memory.limit_in_bytes", pages(5), reclaim=lambda t, n, g: 1,
+                 drain=lambda t, cpu: "local")
+    with pytest.raises(RuntimeError, match="still looping"):
+        k2.write(b, "memory.max", pages(5), oom=lambda t, o, g: True)
