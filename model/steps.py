@@ -108,7 +108,9 @@ class Reclaim(Step):
     ``sc_nr`` is max(nr, SWAP_CLUSTER_MAX), ``sc_gfp`` the gfp the vmscan
     tracepoint shows; ``uncharged`` is what the model actually took off the
     counters (less than ``freed`` only if the oracle claimed more pages
-    than the subtree holds)."""
+    than the subtree holds); ``options`` is the 4th argument as ≥ 6.1
+    passes it (MEMCG_RECLAIM_MAY_SWAP 2 | MEMCG_RECLAIM_PROACTIVE 4), None
+    where it is ``bool may_swap`` (≤ 5.15)."""
     target: str
     nr: int
     gfp: int
@@ -118,6 +120,7 @@ class Reclaim(Step):
     sc_gfp: int
     reason: str = "charge"
     uncharged: int = 0
+    options: int | None = None
 
 
 @_step("drain")

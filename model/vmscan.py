@@ -15,6 +15,8 @@ from .steps import Reclaim
 __all__ = ["SWAP_CLUSTER_MAX", "try_to_free_mem_cgroup_pages", "uncharge_pages"]
 
 SWAP_CLUSTER_MAX = 32
+MEMCG_RECLAIM_MAY_SWAP = 1 << 1
+MEMCG_RECLAIM_PROACTIVE = 1 << 2
 
 
 def uncharge_pages(memcg, nr: int, swapped: int = 0) -> None:
@@ -80,7 +82,11 @@ def try_to_free_mem_cgroup_pages(ctx, memcg, nr_pages: int, gfp: int, may_swap: 
     for m, n in plan.items():
         uncharge_pages(m, n, swap_plan.get(m, 0))
         uncharged += n
+    options = None
+    if ctx.kernel.profile.reclaim_signature != "may_swap":   # ≥ 6.1
+        options = ((MEMCG_RECLAIM_MAY_SWAP if may_swap else 0)
+                   | (MEMCG_RECLAIM_PROACTIVE if reason == "proactive" else 0))
     ctx.steps.append(Reclaim(memcg.path, nr_pages, gfp, may_swap, res.freed,
                              max(nr_pages, SWAP_CLUSTER_MAX), reclaim_gfp(gfp), reason,
-                             uncharged))
+                             uncharged, options))
     return res.freed

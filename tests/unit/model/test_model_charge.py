@@ -549,3 +549,17 @@ def test_profiles_by_release_and_errors():
         Kernel("6.1", cpus=0)
     with pytest.raises(ValueError, match="cpu 2 out of range"):
         Kernel("6.1", cpus=2).charge(Kernel("6.1").root, 1, cpu=2)
+
+
+@pytest.mark.parametrize("profile,options", [("5.15", [None, None]), ("6.1", [2, 0]),
+                                             ("6.18", [2, 0])])
+def test_reclaim_step_carries_the_4th_argument_per_version(profile, options):
+    k, a = limited(profile, "v1", 10)
+    fill(k, a, 10)
+    first = k.charge(a, 1, GFP.KERNEL | GFP.NORETRY).of("reclaim")[0]
+    # reclaim bits of the caller kept, the rest from GFP_HIGHUSER_MOVABLE
+    assert first.sc_nr == 32 and first.sc_gfp == GFP.HIGHUSER_MOVABLE | GFP.NORETRY
+    k.write(a, "memory.memsw.limit_in_bytes", pages(10))
+    memsw = k.charge(a, 1, GFP.KERNEL | GFP.NORETRY).of("reclaim")[0]
+    assert [first.options, memsw.options] == options
+    assert (first.may_swap, memsw.may_swap) == (True, False)
