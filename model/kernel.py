@@ -63,6 +63,9 @@ class Kernel:
         #: test hook: called inside page_counter_set_max between setting the
         #: new max and re-reading usage; returns pages charged meanwhile
         self.set_max_race = None
+        #: 6.18: called with the CPU before each stock access; True means the
+        #: local_trylock failed (a charge interrupted another on that CPU)
+        self.stock_trylock_fails = None
         self.task = Task()
         self.root = MemCgroup(self, "", None)
         self._cgroups = {"/": self.root}

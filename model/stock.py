@@ -2,9 +2,9 @@
 refill_stock, drain_stock, drain_all_stock.
 
 ≤ 6.14: one cached memcg and a page count per CPU.  6.18: NR_MEMCG_STOCK = 7
-slots per CPU.  The 6.18 ``local_trylock`` can only fail when a charge
-interrupts another on the same CPU, which the model does not interleave, so
-it always succeeds here.
+slots per CPU behind a ``local_trylock``, which fails only when a charge
+interrupts another on the same CPU; ``Kernel.stock_trylock_fails(cpu)``
+(default: never) lets a caller pick that interleaving.
 """
 
 from __future__ import annotations
@@ -39,10 +39,16 @@ def stocked_pages(kernel, memcg) -> int:
     return sum(s.pages_of(memcg) for s in kernel.stocks)
 
 
+def _trylock_fails(kernel, cpu: int) -> bool:
+    """6.18 only: local_trylock(&memcg_stock.lock) failed."""
+    return (kernel.profile.stock_slots > 1 and kernel.stock_trylock_fails is not None
+            and kernel.stock_trylock_fails(cpu))
+
+
 def consume_stock(kernel, memcg, nr_pages: int, cpu: int) -> bool:
     """Take ``nr_pages`` from this CPU's stock if it caches ``memcg`` with
     enough pages.  ``nr_pages > BATCH`` never hits (no slot holds more)."""
-    if nr_pages > kernel.profile.charge_batch:
+    if nr_pages > kernel.profile.charge_batch or _trylock_fails(kernel, cpu):
         return False
     stock = kernel.stocks[cpu]
     i = stock.slot_of(memcg)
@@ -79,7 +85,8 @@ def refill_stock(kernel, memcg, nr_pages: int, cpu: int, steps) -> None:
 
     ≤ 6.14 (one slot): a different cached memcg is drained first; above
     BATCH the whole stock is drained.
-    6.18 (seven slots): above BATCH uncharge directly; a slot already
+    6.18 (seven slots): above BATCH or when the trylock fails, uncharge
+    directly; a slot already
     holding ``memcg`` grows and is drained alone above BATCH; otherwise an
     empty slot is used or one picked at random (``kernel.evict_slot``) is
     drained and reused.
@@ -94,7 +101,7 @@ def refill_stock(kernel, memcg, nr_pages: int, cpu: int, steps) -> None:
         if stock.nr_pages[0] > batch:
             drain_stock(kernel, stock, 0, "overflow", steps)
         return
-    if nr_pages > batch:
+    if nr_pages > batch or _trylock_fails(kernel, cpu):
         _uncharge_direct(kernel, memcg, nr_pages, cpu, steps)
         return
     i = stock.slot_of(memcg)

@@ -121,3 +121,22 @@ def test_usage_includes_stocked_pages():
     k.charge(a, 3)
     assert k.read(a, "memory.usage_in_bytes") == f"{64 * 4096}\n"
     assert k.read(k.root, "memory.usage_in_bytes") == f"{3 * 4096}\n"
+
+
+def test_6_18_trylock_failure_misses_and_refills_directly():
+    k = Kernel("6.18", cgroup="v2")
+    a = k.mkdir("a")
+    k.charge(a, 1)
+    k.stock_trylock_fails = lambda cpu: True
+    r = k.charge(a, 1)
+    assert "stock_hit" not in r.kinds()
+    assert [(s.nr, s.reason) for s in r.of("stock_drain")] == [(63, "direct")]
+    assert k.stocked(a) == 63 and a.memory.usage == 65
+
+
+def test_trylock_hook_is_ignored_before_6_18():
+    k = Kernel("6.12", cgroup="v2")
+    a = k.mkdir("a")
+    k.charge(a, 1)
+    k.stock_trylock_fails = lambda cpu: True
+    assert k.charge(a, 1).kinds() == ["stock_hit"]
