@@ -70,10 +70,13 @@ def _composites(atomic_bit: bool, nowait_nowarn: bool) -> dict[str, int]:
 
 
 class GFP:
-    """GFP bits (``__GFP_X`` as ``GFP.X`` and ``GFP.__GFP_X``) and composites.
+    """GFP bits (``GFP.__GFP_X``, also ``GFP.X``) and composites
+    (``GFP.KERNEL`` for GFP_KERNEL, …).  Where a composite and a bit share a
+    name the composite wins: ``GFP.ATOMIC`` is GFP_ATOMIC, the bit is
+    ``GFP.__GFP_ATOMIC``.
 
-    Composite values are those of 6.x before 6.18; use ``for_profile`` for
-    the values of a given profile.
+    Composite values are those of 6.6–6.12; use ``for_profile`` for the
+    values of a given profile.
     """
 
     locals().update(_BITS)
