@@ -153,3 +153,42 @@ def test_invariants_hold_over_random_operations(profile, cgroup, cpus, ops):
                 continue
             _, failcnt, watermark = before[key]
             assert c.failcnt >= failcnt and c.watermark >= watermark, key
+
+
+env_op = st.one_of(
+    st.tuples(st.just("touch"), st.integers(0, 2), st.integers(0, 300), st.integers(0, 300)),
+    st.tuples(st.just("exit"), st.integers(0, 2)),
+    st.tuples(st.just("limit"), st.integers(0, len(PATHS) - 1), st.integers(50, 600)),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(profile=st.sampled_from(PROFILES), cgroup=st.sampled_from(["v1", "v2"]),
+       swap=st.sampled_from([0, 200]), ops=st.lists(env_op, max_size=12))
+def test_environment_pools_match_the_model(profile, cgroup, swap, ops):
+    from memcgscope.model.environment import Environment
+    env = Environment(Kernel(profile, cgroup=cgroup, cpus=2), swap_pages=swap)
+    k = env.kernel
+    cg = [k.mkdir(p) for p in PATHS]
+    limit_file = "memory.limit_in_bytes" if cgroup == "v1" else "memory.max"
+    names = ["t0", "t1", "t2"]
+    for i, name in enumerate(names):
+        env.spawn(name, cg[i])
+    for op in ops:
+        if op[0] == "touch":
+            t = env.tasks[names[op[1]]]
+            if t.alive:
+                env.touch(t.name, anon=op[2], file=op[3])
+        elif op[0] == "exit":
+            t = env.tasks[names[op[1]]]
+            if t.alive:
+                env.exit(t.name)
+        else:
+            k.write(cg[op[1]], limit_file, str(op[2] * 4096), reclaim=env.reclaim, oom=env.oom)
+        check_hierarchy(k)
+        for m in k.cgroups:
+            anon = sum(t.anon for t in env.tasks.values() if t.cgroup is m)
+            swapped = sum(t.swapped for t in env.tasks.values() if t.cgroup is m)
+            assert m.charged == anon + env.file.get(m, 0) + env.other.get(m, 0)
+            assert m.swapped == swapped
+        assert env.swap_free_pages == swap - sum(t.swapped for t in env.tasks.values())
