@@ -162,11 +162,17 @@ def load_scenario(text: str, name: str = "scenario.toml") -> Scenario:
     cpus = data.get("cpus", 1)
     if not isinstance(cpus, int) or isinstance(cpus, bool) or cpus < 1:
         raise _err(name, "cpus", f"{cpus!r}: use a positive integer")
+    hz = data.get("hz", 250)
+    if not isinstance(hz, int) or isinstance(hz, bool) or hz < 100:
+        raise _err(name, "hz", f"{hz!r}: use CONFIG_HZ, e.g. 100, 250, 300 or 1000")
+    for key in ("swap_account", "memory_localevents"):
+        if not isinstance(data.get(key, False), bool):
+            raise _err(name, key, f"{data[key]!r}: use true or false")
     try:
         kernel = Kernel(str(profile), cgroup=cgroup, cpus=cpus,
                         swap_account=bool(data.get("swap_account", True)),
                         memory_localevents=bool(data.get("memory_localevents", False)),
-                        hz=int(data.get("hz", 250)))
+                        hz=hz)
     except ValueError as e:
         raise _err(name, "kernel", str(e)) from None
     env = Environment(kernel, swap_pages=_pages(name, "swap", data.get("swap", 0)))

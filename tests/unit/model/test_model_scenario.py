@@ -97,6 +97,10 @@ def test_bad_scenarios_get_one_line_errors(body, message):
 def test_bad_header_values():
     with pytest.raises(ScenarioError, match=r"^s.toml: colour: unknown key; use one of"):
         run_scenario('colour = "red"\nkernel = "6.1"\n', "s.toml")
+    with pytest.raises(ScenarioError, match=r"^s.toml: hz: 'fast': use CONFIG_HZ"):
+        run_scenario('kernel = "6.1"\nhz = "fast"\n', "s.toml")
+    with pytest.raises(ScenarioError, match=r"^s.toml: swap_account: 'yes': use true or false"):
+        run_scenario('kernel = "6.1"\nswap_account = "yes"\n', "s.toml")
     with pytest.raises(ScenarioError, match=r"^s.toml: kernel: missing; set kernel = one of"):
         run_scenario('cgroup = "v1"\n', "s.toml")
     with pytest.raises(ScenarioError, match=r"^s.toml: kernel: unknown kernel profile '4.19'"):
