@@ -18,6 +18,7 @@ COMMANDS = {
     "doctor": "doctor_cmd",
     "simulate": "simulate",
     "record": "record_cmd",
+    "run": "run_cmd",
 }
 
 

@@ -97,6 +97,12 @@ struct task_ctx {
     u64 pc_nr;
     u64 pc_fail_slot;
     u64 data[3];
+    // counter failures of a charge not (yet) slow: a batch that failed and
+    // then fit after the shrink is a fast path and never crosses to user
+    // space; if the charge turns slow they are sent before its next step
+    u32 pend_n;
+    u32 pend_dropped;
+    struct event_t pend[2];
 };
 
 struct charge_stat {
@@ -137,6 +143,11 @@ BPF_PERF_OUTPUT(events);
 #else
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 #endif
+
+// bpf_get_func_arg / bpf_get_func_ret (helpers 183, 184; Linux 5.17+), by
+// number: the headers bcc compiles against may predate them.
+static long (*mcs_get_func_arg)(void *ctx, u32 n, u64 *value) = (void *)183;
+static long (*mcs_get_func_ret)(void *ctx, u64 *value) = (void *)184;
 
 static __always_inline u64 read_u64(u64 addr) {
     u64 v = 0;
@@ -278,6 +289,10 @@ static __always_inline void charge_mark_slow(void *ctx, struct task_ctx *c) {
     e->memsw_usage = c->charge_memsw_usage;
     e->memsw_max = c->charge_memsw_max;
     emit(ctx, e);
+    u32 n = c->pend_n;
+    if (n > 0) emit(ctx, &c->pend[0]);
+    if (n > 1) emit(ctx, &c->pend[1]);
+    c->pend_n = 0;
 }
 
 // ---- the charge core: try_charge_memcg (try_charge on 5.10) ----
@@ -295,6 +310,7 @@ static __always_inline void on_charge_enter(void *ctx, u64 memcg, u32 gfp, u32 n
     c->charge_gfp = gfp;
     c->charge_nr = nr;
     c->charge_emitted = 0;
+    c->pend_n = 0;
     struct event_t tmp = {};
     memcg_counters(memcg, &tmp);
     c->charge_usage = tmp.usage;
@@ -308,9 +324,11 @@ static __always_inline void on_charge_exit(void *ctx, s64 ret) {
     struct task_ctx *c = get_ctx(tid, 0);
     if (!c || !c->charge_depth)
         return;
-    if (--c->charge_depth) {
+    if (c->charge_depth > 1) {
+        c->charge_depth--;
         return;
     }
+    // depth stays 1 until the end: charge_mark_slow needs an open charge
     u64 now = bpf_ktime_get_ns();
     u64 ns = now - c->charge_start;
     u64 cgid = c->charge_cgid;
@@ -349,6 +367,7 @@ static __always_inline void on_charge_exit(void *ctx, s64 ret) {
             emit(ctx, e);
         }
     }
+    c->charge_depth = 0;
     c->charge_start = 0;
     c->charge_memcg = 0;
     maybe_free_ctx(tid, c);
@@ -377,7 +396,6 @@ static __always_inline void on_pc_try_charge_exit(void *ctx, u64 ok) {
     // the leaf counter tells which hierarchy: memory or (v1) memsw
     u32 which = (c->pc_counter == c->charge_memcg + OFF_MEMCG_MEMORY) ? 0 : 1;
     u64 memcg = failed - (which ? OFF_MEMCG_MEMSW : OFF_MEMCG_MEMORY);
-    charge_mark_slow(ctx, c);
     struct event_t *e = new_event(EV_COUNTER_FAIL);
     if (!e)
         return;
@@ -389,7 +407,20 @@ static __always_inline void on_pc_try_charge_exit(void *ctx, u64 ok) {
     struct fail_key k = {.cgid = e->cgid, .counter = which};
     u64 one = 1, *v = counter_fails.lookup(&k);
     if (v) __sync_fetch_and_add(v, 1); else counter_fails.update(&k, &one);
-    emit(ctx, e);
+    if (c->charge_emitted) {
+        emit(ctx, e);
+        return;
+    }
+    u32 n = c->pend_n;
+    if (n == 0) {
+        __builtin_memcpy(&c->pend[0], e, sizeof(*e));
+        c->pend_n = 1;
+    } else if (n == 1) {
+        __builtin_memcpy(&c->pend[1], e, sizeof(*e));
+        c->pend_n = 2;
+    } else {
+        c->pend_dropped++;  // cannot happen in try_charge's loop: at most a batch and an nr failure come first
+    }
 }
 
 // ---- try_to_free_mem_cgroup_pages ----

@@ -241,6 +241,46 @@ class Session:
             counts[0] += self._perf_lost
         return counts
 
+    def program_stats(self) -> dict[str, tuple[int, int]]:
+        """program name -> (run time ns, run count) from /proc/self/fdinfo;
+        zero unless kernel.bpf_stats_enabled is 1."""
+        out = {}
+        if self.bpf is None:
+            return out
+        for name, fn in list(self.bpf.funcs.items()):
+            try:
+                with open(f"/proc/self/fdinfo/{fn.fd}") as f:
+                    info = dict(line.split(":", 1) for line in f if ":" in line)
+            except OSError:
+                continue
+            key = name.decode() if isinstance(name, bytes) else name
+            out[key] = (int(info.get("run_time_ns", "0").strip() or 0), int(info.get("run_cnt", "0").strip() or 0))
+        return out
+
+    def forget_cgroup(self, cgid: int) -> int:
+        """Deletes a removed cgroup's entries from every per-cgroup map, so
+        the maps stay bounded under churn. Returns how many were removed."""
+        if self.bpf is None:
+            return 0
+        removed = 0
+        for table in ("charge_stats", "page_charge_stats", "oom_stats"):
+            t = self.bpf[table]
+            try:
+                del t[t.Key(cgid)]
+                removed += 1
+            except KeyError:
+                pass
+        for table in ("charge_lat", "reclaim_stats", "reclaim_lat", "limit_stats", "counter_fails",
+                      "memcg_events", "memcg_state"):
+            t = self.bpf[table]
+            for k in [k for k in t.keys() if k.cgid == cgid]:
+                try:
+                    del t[k]
+                    removed += 1
+                except KeyError:
+                    pass
+        return removed
+
     def item_names(self, kind: str) -> dict[int, str]:
         """Kernel enum names for memcg:* tracepoint items (they differ between builds)."""
         if kind not in self._names_cache:

@@ -1,0 +1,194 @@
+"""`memcgscope run`: the collector. Probes the charge path (best mode, or
+--mode), checks each slow-path episode against the model of this kernel,
+and serves Prometheus metrics. Needs root. SIGINT/SIGTERM: detach, exit 0.
+
+Default listen address: 127.0.0.1:10064. The Prometheus default-port page
+has allocated all of 9100-9999 to exporters, so a port inside it would
+collide with some registered exporter; 10064 is outside that range and is
+not used by the usual daemons on such hosts (kubelet 10250/10255,
+kube-proxy 10249/10256, ingress-nginx 10254).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+DEFAULT_LISTEN = "127.0.0.1:10064"
+DEFAULT_DIVERGENCE_LOG = "/var/log/memcgscope/divergences.jsonl"
+BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
+
+EPILOG = f"""examples:
+  memcgscope run                              serve {DEFAULT_LISTEN}/metrics
+  memcgscope run --cgroup '/system.slice/*'   only cgroups below system.slice
+  memcgscope run --listen :10064 --web.config.file web.yml   TLS and basic auth
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("run", help="the collector: probe, cross-check, serve metrics (root)",
+                       description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
+                   help=f"where to serve /metrics (default {DEFAULT_LISTEN}; ':PORT' for all interfaces)")
+    p.add_argument("--web.config.file", dest="web_config", metavar="FILE",
+                   help="TLS and basic auth, in the Prometheus exporter-toolkit format")
+    p.add_argument("--mode", choices=("fentry", "kprobe", "tracepoint"), help="probe mode (default: the best usable)")
+    p.add_argument("--profile", help="model profile to check against (default: from the running kernel)")
+    p.add_argument("--cgroup", action="append", default=[], metavar="GLOB",
+                   help="watch only cgroups whose path matches (repeatable; '*' crosses '/')")
+    p.add_argument("--max-cgroups", type=int, default=1000, metavar="N",
+                   help="label at most N cgroups by path; the rest aggregate into cgroup=\"other\" (default 1000)")
+    p.add_argument("--interval", type=float, default=15.0, metavar="S",
+                   help="seconds between cgroupfs reads and aggregate checks (default 15)")
+    p.add_argument("--grace", type=float, default=60.0, metavar="S",
+                   help="keep a removed cgroup's series this long (default 60)")
+    p.add_argument("--divergence-log", default=DEFAULT_DIVERGENCE_LOG, metavar="FILE",
+                   help=f"JSON lines of divergences with their episodes (default {DEFAULT_DIVERGENCE_LOG}; '' for none)")
+    p.add_argument("--ringbuf-pages", type=int, default=256, metavar="N", help="ring buffer size in pages (default 256)")
+    p.set_defaults(func=run)
+
+
+def _fail(msg: str, code: int = 1) -> int:
+    print(f"memcgscope run: {msg}", file=sys.stderr)
+    return code
+
+
+def run(args) -> int:
+    from memcgscope import __version__
+    from memcgscope.probes.session import Session, SessionError
+    from prometheus_client import CollectorRegistry
+
+    from .cgroups import CgroupError, resolver_for
+    from .daemon import Daemon, DivergenceLog, profile_for_kernel
+    from .metrics import MemcgCollector
+    from .web import ListenError, WebConfigError, load_web_config, parse_listen, serve
+
+    logging.basicConfig(level=logging.WARNING, format="memcgscope run: %(message)s")
+    # validate everything cheap before loading BPF
+    try:
+        parse_listen(args.listen)
+        web_config = load_web_config(args.web_config) if args.web_config else None
+    except (ListenError, WebConfigError) as e:
+        return _fail(str(e), 2)
+    if args.max_cgroups < 0 or args.interval <= 0 or args.ringbuf_pages <= 0 or args.ringbuf_pages & (args.ringbuf_pages - 1):
+        return _fail("--max-cgroups must be ≥ 0, --interval > 0, --ringbuf-pages a power of two", 2)
+    if args.profile:
+        from memcgscope.model.profiles import get_profile
+        try:
+            get_profile(args.profile)
+        except ValueError as e:
+            return _fail(f"--profile: {e}", 2)
+    if os.geteuid() != 0:
+        return _fail("needs root (it loads BPF programs); run it as root, or 'memcgscope doctor' to see what works")
+    try:
+        hierarchy, resolver = resolver_for()
+    except CgroupError as e:
+        return _fail(str(e))
+
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    session = Session(args.mode, ringbuf_pages=args.ringbuf_pages)
+    stats_before = _enable_bpf_stats()
+    server = None
+    divergence_log = None
+    try:
+        try:
+            session.open()
+        except SessionError as e:
+            return _fail(str(e))
+        report = session.report
+        kernel = report.kernel
+        if args.profile:
+            profile, warning = args.profile, None
+        else:
+            profile, warning = profile_for_kernel(kernel)
+        if warning:
+            print(f"memcgscope run: {warning}", file=sys.stderr)
+        checker, aggregate_checker = _checkers(profile, hierarchy.version, session.assembler.memsw)
+        try:
+            divergence_log = DivergenceLog(args.divergence_log or None)
+        except OSError as e:
+            return _fail(f"--divergence-log {args.divergence_log}: {e.strerror}; give a writable path or ''")
+        daemon = Daemon(session, resolver=resolver, cgroup_version=hierarchy.version,
+                        mountpoint=hierarchy.mountpoint, globs=args.cgroup, max_cgroups=args.max_cgroups,
+                        grace=args.grace, checker=checker, aggregate_checker=aggregate_checker,
+                        divergence_log=divergence_log, interval=args.interval, profile=profile,
+                        kernel=kernel, version=__version__)
+        registry = CollectorRegistry()
+        registry.register(MemcgCollector(daemon))
+        attached = [p for p in session.status() if p.attached]
+        off = [p for p in session.status() if not p.attached]
+        facts = {"mode": session.mode, "kernel": kernel, "model profile": profile,
+                 "cgroup": f"v{hierarchy.version} at {hierarchy.mountpoint}",
+                 "probes attached": [f"{p.target} ({p.kind})" for p in attached],
+                 "probes off": [f"{p.target}: {p.reason}" for p in off] or "none",
+                 "watching": args.cgroup or "all cgroups", "divergence log": args.divergence_log or "off"}
+
+        def health():
+            if session.bpf is None:
+                return "probes are detached"
+            return None
+
+        try:
+            server = serve(args.listen, registry, web_config, facts=facts, health=health, version=__version__)
+        except ListenError as e:
+            return _fail(str(e))
+        print(f"memcgscope run: mode {session.mode} on {kernel} (model profile {profile}); "
+              f"{len(attached)} probes attached: {', '.join(p.target for p in attached)}", file=sys.stderr)
+        for p in off:
+            print(f"memcgscope run: probe off: {p.target}: {p.reason}", file=sys.stderr)
+        print(f"memcgscope run: serving {server.url}/metrics", file=sys.stderr, flush=True)
+        daemon.run(stop)
+        return 0
+    finally:
+        if server is not None:
+            server.shutdown()
+        session.close()
+        if divergence_log is not None:
+            divergence_log.close()
+        _restore_bpf_stats(stats_before)
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+
+
+def _checkers(profile: str, version: int, memsw: bool):
+    """The per-episode and aggregate checkers for this kernel's profile."""
+    try:
+        from .crosscheck import AggregateChecker, CrossChecker
+    except ImportError:  # pragma: no cover - the cross-checker ships with the collector
+        return None, None
+    cgroup = f"v{version}"
+    return CrossChecker(profile, cgroup, memsw), AggregateChecker(profile, cgroup, memsw)
+
+
+def _enable_bpf_stats() -> str | None:
+    """Turns on kernel.bpf_stats_enabled (BPF run time per program) and
+    returns the old value to restore on exit."""
+    try:
+        with open(BPF_STATS) as f:
+            old = f.read().strip()
+        if old != "1":
+            with open(BPF_STATS, "w") as f:
+                f.write("1")
+        return old
+    except OSError:
+        return None
+
+
+def _restore_bpf_stats(old: str | None) -> None:
+    if old is None or old == "1":
+        return
+    try:
+        with open(BPF_STATS, "w") as f:
+            f.write(old)
+    except OSError:
+        pass

@@ -1,0 +1,179 @@
+"""Runs inside a guest (tests/vm): opens a probe session in the given mode,
+drives workloads in scratch cgroups, and writes what it saw to a JSON file
+for the host-side test to check.
+
+    python3 guest_probe_workload.py MODE OUT.json [--episodes FILE.jsonl]
+
+Workloads (real-kernels.md §2):
+  thp      touch 64M of anon with THP in a 32M cgroup: huge-page charges
+           fail with -ENOMEM (no reclaim bits), small pages reclaim, OOM
+  file     write 96M through the page cache of a 32M cgroup: reclaim frees
+  v1       a 48M anon holder under a 64M limit, then a 16M limit write:
+           mem_cgroup_resize_max returns -EBUSY
+  v2       the same holder, then memory.max = 16M: reclaim loop, OOM kill
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from memcgscope.collector.scratch import ScratchCgroup, own_memory_cgroup_dir  # noqa: E402
+from memcgscope.probes.session import Session  # noqa: E402
+
+PY = sys.executable
+TOUCH = """
+import mmap, sys, time
+n = int(sys.argv[1]) << 20
+m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+for off in range(0, n, 4096):
+    m[off] = 1
+print("touched", flush=True)
+if len(sys.argv) > 2:
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def pump(session, episodes, seconds=0.0, until=None):
+    deadline = time.monotonic() + seconds
+    while True:
+        episodes.extend(session.poll(timeout_ms=50))
+        if until is not None and until():
+            break
+        if until is None and time.monotonic() >= deadline:
+            break
+
+
+def run_polling(session, episodes, cg, argv, timeout=300):
+    """Runs argv in cg while consuming events, as the collector does: a
+    ring buffer left unread fills and drops events."""
+    proc = cg.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    pump(session, episodes, until=lambda: proc.poll() is not None or time.monotonic() > deadline)
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    return proc
+
+
+def read_int(cg, name):
+    try:
+        return int(cg.read(name).split()[0])
+    except (OSError, ValueError):
+        return None
+
+
+def events(cg):
+    try:
+        return dict(line.split() for line in cg.read("memory.events").splitlines())
+    except OSError:
+        return {}
+
+
+def disk_backed_dir() -> str:
+    """The guest's filesystems are tmpfs and 9p without a page cache: give
+    the file workload an ext4 on zram, whose clean pages reclaim can drop
+    (zram's own memory is not charged to the workload's cgroup)."""
+    mnt = "/run/memcgscope-ext4"
+    if os.path.ismount(mnt):
+        return mnt
+    subprocess.run(["modprobe", "zram"], check=True)
+    with open("/sys/block/zram0/disksize", "w") as f:
+        f.write("256M")
+    subprocess.run(["mkfs.ext4", "-q", "-F", "/dev/zram0"], check=True)
+    os.makedirs(mnt, exist_ok=True)
+    subprocess.run(["mount", "/dev/zram0", mnt], check=True)
+    return mnt
+
+
+def main() -> int:
+    mode, out_path = sys.argv[1], sys.argv[2]
+    jsonl = sys.argv[4] if len(sys.argv) > 4 and sys.argv[3] == "--episodes" else None
+    with open("/sys/kernel/mm/transparent_hugepage/enabled", "w") as f:
+        f.write("always")
+    _, version = own_memory_cgroup_dir()
+    result = {"mode_requested": mode, "version": version, "workloads": {}}
+    episodes: list = []
+    t0 = time.monotonic()
+    with Session(mode) as s:
+        result["open_seconds"] = round(time.monotonic() - t0, 1)
+        result["mode"] = s.mode
+        result["probes"] = [p.__dict__ for p in s.status()]
+
+        # thp: anon beyond the limit, huge pages first
+        with ScratchCgroup("thp", "32M") as cg:
+            fail0 = read_int(cg, "memory.failcnt") if version == "v1" else None
+            r = run_polling(s, episodes, cg, [PY, "-c", TOUCH, "64"])
+            pump(s, episodes, 0.5)
+            agg = s.aggregates().cgroups.get(cg.inode)
+            result["workloads"]["thp"] = {
+                "cgroup_id": cg.inode, "returncode": r.returncode,
+                "failcnt_delta": (read_int(cg, "memory.failcnt") - fail0) if version == "v1" else None,
+                "events": events(cg) if version == "v2" else None,
+                "counter_failures": agg.counter_failures if agg else {},
+                "charges": agg.charges if agg else {}, "page_charges": agg.page_charges if agg else {},
+                "oom": agg.oom if agg else {}}
+
+        # file: page cache that reclaim can free
+        target = os.path.join(disk_backed_dir(), "memcgscope-vm-file.bin")
+        with ScratchCgroup("file", "32M") as cg:
+            r = run_polling(s, episodes, cg, ["dd", "if=/dev/zero", f"of={target}", "bs=1M", "count=96", "conv=fsync"])
+            pump(s, episodes, 0.5)
+            os.unlink(target)
+            agg = s.aggregates().cgroups.get(cg.inode)
+            result["workloads"]["file"] = {"cgroup_id": cg.inode, "returncode": r.returncode,
+                                           "reclaim": agg.reclaim if agg else {}}
+
+        # a limit write below what the holder cannot give back
+        with ScratchCgroup("limit", "64M") as cg:
+            holder = cg.popen([PY, "-c", TOUCH, "48", "600"], stdout=subprocess.PIPE, text=True)
+            assert holder.stdout.readline().strip() == "touched"
+            pump(s, episodes, 0.5)
+            if version == "v1":
+                usage_before = read_int(cg, "memory.usage_in_bytes")
+                errno_seen = 0
+                try:
+                    cg.write("memory.limit_in_bytes", "16M")
+                except OSError as e:
+                    errno_seen = e.errno
+                pump(s, episodes, 0.5)
+                result["workloads"]["v1_limit"] = {
+                    "cgroup_id": cg.inode, "errno": errno_seen, "usage_before": usage_before,
+                    "usage_after": read_int(cg, "memory.usage_in_bytes"),
+                    "limit_after": read_int(cg, "memory.limit_in_bytes")}
+            else:
+                usage_before = read_int(cg, "memory.current")
+                errno_seen = 0
+                try:
+                    cg.write("memory.max", "16M")
+                except OSError as e:
+                    errno_seen = e.errno
+                holder.wait(timeout=60)
+                pump(s, episodes, 0.5)
+                result["workloads"]["v2_max"] = {
+                    "cgroup_id": cg.inode, "errno": errno_seen, "usage_before": usage_before,
+                    "holder_returncode": holder.returncode, "events": events(cg)}
+            holder.kill()
+            holder.wait()
+        episodes.extend(s.finish())
+        result["lost"] = s.lost()
+        result["orphans"] = s.assembler.orphans
+    result["episodes"] = [e.to_json() for e in episodes]
+    if jsonl:
+        from memcgscope.collector.record_cmd import header  # noqa: F401  (schema lives there)
+        with open(jsonl, "w") as f:
+            for e in result["episodes"]:
+                f.write(json.dumps(e) + "\n")
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+    print(f"guest workload: mode {result['mode']}, {len(episodes)} episodes, lost {sum(result['lost'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Probes in kprobe and fentry mode on real Debian 6.1 (v1, v2) and 6.12
+(v2) kernels: charge episodes (huge-page -ENOMEM, reclaim, OOM), the v1
+resize -EBUSY, the v2 memory.max reclaim loop and OOM, failcnt agreement.
+The workloads run in the guest (guest_probe_workload.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+ARTIFACTS = os.environ.get("MEMCGSCOPE_ARTIFACTS", "/tmp/memcgscope-artifacts")
+PAGE = 4096
+GFP_DIRECT_RECLAIM = 0x400
+
+
+@pytest.mark.parametrize("mode", ["kprobe", "fentry"])
+def test_probes_in_guest(guest, mode):
+    out = guest.tmp_path / "result.json"
+    jsonl = guest.tmp_path / "episodes.jsonl"
+    r = guest.run(f".venv/bin/python tests/vm/guest_probe_workload.py {mode} {out} --episodes {jsonl}", timeout=900)
+    assert r.returncode == 0, str(r)
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    shutil.copy(out, os.path.join(ARTIFACTS, f"probes-{guest.guest.name}-{mode}.json"))
+    res = json.loads(out.read_text())
+    eps = res["episodes"]
+    wl = res["workloads"]
+
+    assert res["mode"] == mode
+    probes = {p["role"]: p for p in res["probes"]}
+    for role in ("charge_core", "page_charge", "memcg_reclaim", "memcg_oom", "page_counter_try_charge"):
+        assert probes[role]["attached"], probes[role]
+    assert sum(res["lost"]) == 0 and res["orphans"] == 0
+
+    # huge-page faults charge with GFP_TRANSHUGE_LIGHT: -ENOMEM at once,
+    # no reclaim, and the fault falls back to small pages
+    thp_id = wl["thp"]["cgroup_id"]
+    thp = [e for e in eps if e["kind"] == "charge" and e["cgroup_id"] == thp_id]
+    huge_fail = [e for e in thp if e["nr_pages"] == 512 and e["ret"] == -12]
+    assert huge_fail, "expected -ENOMEM huge-page charges"
+    for e in huge_fail:
+        assert not e["gfp"] & GFP_DIRECT_RECLAIM
+        assert [s["kind"] for s in e["steps"]] == ["counter_fail"]
+    assert any(e["kind"] == "page_charge_fail" and e["ret"] == -12 and e["cgroup_id"] == thp_id for e in eps)
+    # small charges reclaimed (nothing to free without swap) and then OOMed
+    reclaiming = [e for e in thp if any(s["kind"] == "reclaim" for s in e["steps"])]
+    assert reclaiming
+    assert all(s["cgroup_id"] == thp_id and s["caller"] == "charge"
+               for e in reclaiming for s in e["steps"] if s["kind"] == "reclaim")
+    assert any(s["kind"] == "oom" and s["result"] for e in thp for s in e["steps"])
+    assert wl["thp"]["returncode"] == -9 and wl["thp"]["oom"]["kills"] >= 1
+
+    # page cache: reclaim frees pages
+    file_reclaim = wl["file"]["reclaim"]["charge"]
+    assert wl["file"]["returncode"] == 0 and file_reclaim["freed"] > 0
+
+    if guest.guest.cgroup == "v1":
+        # every failure of the memory counter at the thp cgroup is one
+        # memory.failcnt increment, and nothing else increments it
+        assert wl["thp"]["failcnt_delta"] == wl["thp"]["counter_failures"]["memory"] > 0
+        v1 = wl["v1_limit"]
+        assert v1["errno"] == 16 and v1["limit_after"] == 64 << 20
+        writes = [e for e in eps if e["kind"] == "limit_write" and e["cgroup_id"] == v1["cgroup_id"]
+                  and e["ret"] == -16]
+        assert writes, "expected a mem_cgroup_resize_max episode returning -EBUSY"
+        w = writes[0]
+        assert w["file"] == "memory.limit_in_bytes" and w["value"] == 16 << 20 >> 12
+        reclaims = [s for s in w["steps"] if s["kind"] == "reclaim"]
+        assert reclaims and all(s["nr_pages"] == 1 and s["caller"] == "v1_limit" for s in reclaims)
+        assert reclaims[-1]["freed"] == 0  # -EBUSY follows a reclaim that freed nothing
+        if probes["drain_all_stock"]["attached"]:
+            assert w["steps"][0]["kind"] == "drain"
+        # struct reads at BTF offsets: the counter at entry is what cgroupfs
+        # showed just before the write (the holder sleeps; nothing charges)
+        assert w["entry"]["usage"] * PAGE == v1["usage_before"]
+        assert w["entry"]["max"] == 64 << 20 >> 12
+    else:
+        v2 = wl["v2_max"]
+        assert v2["errno"] == 0 and v2["holder_returncode"] == -9
+        assert int(v2["events"]["oom_kill"]) >= 1 and int(v2["events"]["oom"]) >= 1
+        writes = [e for e in eps if e["kind"] == "limit_write" and e["file"] == "memory.max"
+                  and e["cgroup_id"] == v2["cgroup_id"] and e["value"] == len("16M")]
+        assert writes and writes[0]["ret"] == 3  # the write succeeds: it returns its byte count
+        steps = writes[0]["steps"]
+        reclaims = [s for s in steps if s["kind"] == "reclaim"]
+        assert reclaims and all(s["caller"] == "v2_max" for s in reclaims)
+        assert sum(1 for s in reclaims if s["freed"] == 0) >= 16  # the zero-progress budget
+        assert any(s["kind"] == "oom" and s["result"] for s in steps)
+        assert writes[0]["text"].startswith("16M")
