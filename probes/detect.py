@@ -41,6 +41,9 @@ class FunctionFinding:
     symbol: str | None  # the name found in kallsyms (may carry a .constprop.N etc.)
     probeable: bool | None  # None: available_filter_functions not readable
     why: str
+    # every kallsyms name of it: the plain one and compiler clones; callers
+    # may reach a clone directly (6.12: drain_all_stock.part.0)
+    symbols: list[str] = field(default_factory=list)
 
     @property
     def present(self) -> bool:
@@ -277,17 +280,21 @@ def _functions(sysroot: SysRoot) -> list[FunctionFinding]:
     out = []
     for target in FUNCTIONS:
         symbol = None
+        symbols: list[str] = []
         for name in target.names:
             if name in by_base:
                 # the plain name when present, else the first clone
                 symbol = name if name in by_base[name] else sorted(by_base[name])[0]
+                symbols = sorted(set(by_base[name]), key=lambda n: (n != name, n))
                 break
         probeable = None
         if filterable is not None:
             probeable = symbol is not None and symbol in filterable
         elif symbol is None:
             probeable = False
-        out.append(FunctionFinding(target.role, list(target.names), symbol, probeable, target.why))
+        if filterable is not None:
+            symbols = [n for n in symbols if n in filterable]
+        out.append(FunctionFinding(target.role, list(target.names), symbol, probeable, target.why, symbols))
     return out
 
 

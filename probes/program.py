@@ -128,10 +128,6 @@ def kernel_offsets(btf: BTF, memsw: bool) -> dict[str, int]:
     return offsets
 
 
-def _params(n: int) -> str:
-    return ", ".join(f"u64 a{i}" for i in range(n))
-
-
 def _subst(call: str, nargs: int, args_valid: bool) -> str:
     for i in range(5):
         call = call.replace(f"A{i}", f"a{i}" if i < nargs else "0")
@@ -186,24 +182,38 @@ def build_program(report: Report, mode: str, btf: BTF, *, max_cgroups: int = 409
                     probes.append(ProbeStatus(finding.role, symbol, mode, False,
                                               "no BTF entry for this symbol (fentry needs one)"))
                     continue
+                others = [n for n in finding.symbols if n != base]
+                if others:
+                    partial = f"calls that go straight to {', '.join(others)} are not seen (no BTF for clones)"
                 if fentry_check is not None:
                     ok, reason = fentry_check(btf.func_id(base))
                     if not ok:
                         probes.append(ProbeStatus(finding.role, base, mode, False, reason))
                         continue
-                params = _params(nargs)
-                parts.append(f"KFUNC_PROBE({base}{', ' if params else ''}{params}) {{\n"
+                # Arguments through bpf_get_func_arg: typed context reads are
+                # refused for some types (6.1: "arg2 type PTR is not a struct"
+                # for page_counter_try_charge's struct page_counter **fail).
+                reads = "".join(f"    u64 a{i} = 0;\n    mcs_get_func_arg(ctx, {i}, &a{i});\n" for i in range(nargs))
+                parts.append(f"KFUNC_PROBE({base}) {{\n{reads}"
                              f"    {_subst(handler.enter, nargs, True)};\n    return 0;\n}}\n")
                 if handler.exit:
-                    parts.append(f"KRETFUNC_PROBE({base}, {params}{', ' if params else ''}u64 ret) {{\n"
+                    parts.append(f"KRETFUNC_PROBE({base}) {{\n    u64 ret = 0;\n    mcs_get_func_ret(ctx, &ret);\n"
                                  f"    {_subst(handler.exit, nargs, True)};\n    return 0;\n}}\n")
-                probes.append(ProbeStatus(finding.role, base, mode, True))
+                probes.append(ProbeStatus(finding.role, base, mode, True, partial if others else ""))
             else:
                 args = "".join(f"    u64 a{i} = PT_REGS_PARM{i + 1}(ctx);\n" for i in range(5))
                 fn = f"kp_{finding.role}_enter"
                 parts.append(f"int {fn}(struct pt_regs *ctx) {{\n{args}"
                              f"    {_subst(handler.enter, 5, not clone)};\n    return 0;\n}}\n")
                 kprobes.append((symbol, fn, False))
+                if not handler.needs_args:
+                    # an entry-only probe can sit on every clone as well:
+                    # callers may jump straight to one (6.12 drain_all_stock.part.0)
+                    for n, other in enumerate(s for s in finding.symbols if s != symbol):
+                        fn_clone = f"kp_{finding.role}_enter{n}"
+                        parts.append(f"int {fn_clone}(struct pt_regs *ctx) {{\n{args}"
+                                     f"    {_subst(handler.enter, 5, False)};\n    return 0;\n}}\n")
+                        kprobes.append((other, fn_clone, False))
                 if handler.exit:
                     fn_ret = f"kp_{finding.role}_exit"
                     parts.append(f"int {fn_ret}(struct pt_regs *ctx) {{\n    u64 ret = PT_REGS_RC(ctx);\n"

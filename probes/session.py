@@ -148,7 +148,7 @@ class Session:
         by_role: dict[str, list[bool]] = {}
         failures: dict[str, str] = {}
         for symbol, fn, is_ret in self.program.kprobes:
-            role = fn[len("kp_"):].rsplit("_", 1)[0]
+            role = fn[len("kp_"):].rsplit("_", 1)[0]  # kp_<role>_enter[N] / kp_<role>_exit
             try:
                 if is_ret:
                     self.bpf.attach_kretprobe(event=symbol, fn_name=fn, maxactive=KRETPROBE_MAXACTIVE)

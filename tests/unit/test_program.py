@@ -1,0 +1,89 @@
+"""The BPF program builder over doctor reports of real kernels (captured
+sysroots): which probes each mode builds, and why the others are off."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from memcgscope.probes.capture import load_recorded_checks
+from memcgscope.probes.detect import detect
+from memcgscope.probes.program import ProgramError, build_program
+from memcgscope.probes.sysroot import SysRoot
+
+SYSROOTS = os.path.join(os.path.dirname(__file__), "data", "sysroots")
+
+
+class FakeBTF:
+    """Offsets and prototypes as a BTF would give them (values arbitrary)."""
+
+    params = {"try_charge_memcg": 3, "__mem_cgroup_charge": 3, "try_to_free_mem_cgroup_pages": 4,
+              "mem_cgroup_resize_max": 3, "memory_max_write": 4, "memory_high_write": 4,
+              "mem_cgroup_out_of_memory": 3, "drain_all_stock": 1, "page_counter_try_charge": 3}
+
+    def offsetof(self, struct, path):
+        if (struct, path) == ("kernfs_node", "parent"):
+            from memcgscope.probes.btf import BTFError
+            raise BTFError("no parent")  # renamed __parent, as on 6.14+
+        return 0 if path in ("css", "css.cgroup") else 8
+
+    def enum_value(self, name):
+        return 4
+
+    def func_param_count(self, name):
+        return self.params.get(name)
+
+    def func_id(self, name):
+        return 100 if name in self.params else None
+
+
+def report(name):
+    path = os.path.join(SYSROOTS, name)
+    return detect(SysRoot(path), load_recorded_checks(path))
+
+
+def test_kprobe_mode_on_612_probes_drain_and_its_clone():
+    prog = build_program(report("debian-6.12-v2"), "kprobe", FakeBTF())
+    symbols = [k[0] for k in prog.kprobes]
+    assert "drain_all_stock" in symbols and "drain_all_stock.part.0" in symbols
+    assert ("try_charge_memcg", "kp_charge_core_exit", True) in prog.kprobes
+    off = {p.role: p.reason for p in prog.probes if not p.attached}
+    assert "not in /proc/kallsyms" in off["resize_max"]  # no CONFIG_MEMCG_V1 on Debian 6.12
+    assert off["count_memcg_events"] == "tracepoint absent on this kernel"
+    assert "-DOFF_KN_PARENT=8" in prog.cflags and "-DMEMORY_CGRP_ID=4" in prog.cflags
+    assert "-DHAVE_MEMSW=1" not in prog.cflags  # v2
+
+
+def test_fentry_mode_skips_clones_and_says_so():
+    checked = []
+    prog = build_program(report("debian-6.1-v1"), "fentry", FakeBTF(),
+                         fentry_check=lambda btf_id: (checked.append(btf_id) or True, ""))
+    status = {p.role: p for p in prog.probes}
+    assert not status["drain_all_stock"].attached
+    assert "no BTF entry" in status["drain_all_stock"].reason
+    assert status["charge_core"].attached and "KFUNC_PROBE(try_charge_memcg)" in prog.text
+    assert "KRETFUNC_PROBE(page_counter_try_charge)" in prog.text
+    assert "mcs_get_func_arg(ctx, 2, &a2)" in prog.text
+    assert "-DHAVE_MEMSW=1" in prog.cflags  # v1 with swap accounting
+    assert checked  # every fentry target was tried first
+
+
+def test_fentry_refused_per_function_turns_that_probe_off():
+    prog = build_program(report("debian-6.12-v2"), "fentry", FakeBTF(), fentry_check=lambda i: (True, ""))
+    assert {p.role for p in prog.probes if p.attached} >= {"charge_core", "memcg_reclaim"}
+    with pytest.raises(ProgramError, match="cannot probe the charge core"):
+        build_program(report("debian-6.12-v2"), "fentry", FakeBTF(), fentry_check=lambda i: (False, "EPERM"))
+
+
+def test_tracepoint_mode_on_the_host():
+    prog = build_program(report("host-6.18-v1"), "tracepoint", FakeBTF())
+    assert prog.kprobes == []
+    assert "TRACEPOINT_PROBE(vmscan, mm_vmscan_memcg_reclaim_end)" in prog.text
+    assert "TRACEPOINT_PROBE(memcg, count_memcg_events)" in prog.text
+    assert "KFUNC_PROBE" not in prog.text.split("wrappers for mode")[1]
+
+
+def test_unknown_mode():
+    with pytest.raises(ProgramError, match="unknown mode"):
+        build_program(report("host-6.18-v1"), "uprobe", FakeBTF())
