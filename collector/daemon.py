@@ -120,6 +120,7 @@ class Daemon:
         self._raw_snapshot: dict[str, CgroupSnapshot] = {}
         self._watched: dict[int, str] = {}       # cgid -> path, cgroups seen in maps or episodes
         self._window: list[dict] = []            # episodes since the last aggregate check
+        self._unresolved: list[dict] = []        # episodes waiting for the next cgroup walk
         self._unseen_since: dict[int, float] = {}  # cgid -> when it stopped resolving
         self._lock = threading.Lock()
         self.last_tick = 0.0
@@ -173,14 +174,24 @@ class Daemon:
 
     # --- episodes -----------------------------------------------------------------
 
-    def handle(self, episode) -> None:
+    # episodes of cgroups created since the last walk wait for the next
+    # tick's walk instead of being dropped; bounded
+    MAX_PENDING = 10000
+
+    def handle(self, episode, *, retry: bool = False) -> None:
         d = episode.to_json() if hasattr(episode, "to_json") else episode
-        self.counts.total_episodes += 1
+        if not retry:
+            self.counts.total_episodes += 1
+        path = self.path_for(d["cgroup_id"])
+        if path is None:
+            if retry or len(self._unresolved) >= self.MAX_PENDING:
+                self.counts.unresolved += 1
+            else:
+                self._unresolved.append(d)
+            return
         label = self.label_for(d["cgroup_id"])
         if label is None:
-            if self.path_for(d["cgroup_id"]) is None:
-                self.counts.unresolved += 1
-            return
+            return  # filtered out by --cgroup
         self.counts.episodes[(label, d["kind"])] += 1
         d["cgroup"] = self.path_for(d["cgroup_id"])
         self._window.append(d)
@@ -200,6 +211,11 @@ class Daemon:
     def tick(self) -> None:
         """cgroupfs gauges, aggregate checks, and forgetting removed cgroups."""
         self.last_tick = self.clock()
+        if self._unresolved:
+            pending, self._unresolved = self._unresolved, []
+            self.resolver.rescan()
+            for d in pending:
+                self.handle(d, retry=True)
         with self._lock:
             watched = dict(self._watched)
         snapshot: dict[str, CgroupSnapshot] = {}

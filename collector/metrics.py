@@ -10,8 +10,6 @@ to the same label ("other") are summed.
 
 from __future__ import annotations
 
-import os
-import time
 from collections import defaultdict
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily

@@ -17,7 +17,6 @@ import os
 import signal
 import sys
 import threading
-import time
 
 DEFAULT_LISTEN = "127.0.0.1:10064"
 DEFAULT_DIVERGENCE_LOG = "/var/log/memcgscope/divergences.jsonl"

@@ -4,8 +4,12 @@ fail with the fix; they are never skipped (design.md §5)."""
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
+
+# shared helpers (promkit) import as top-level modules
+sys.path.insert(0, os.path.dirname(__file__))
 
 
 def pytest_collection_modifyitems(items):

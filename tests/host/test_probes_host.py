@@ -113,7 +113,7 @@ def test_reclaim_episodes_match_the_vmscan_tracepoint(tracefs, tmp_path):
 def test_session_detaches_on_exception():
     before = bpf_prog_ids()
     with pytest.raises(RuntimeError):
-        with Session("tracepoint") as s:
+        with Session("tracepoint"):
             assert bpf_prog_ids() - before, "programs should be loaded while the session is open"
             raise RuntimeError("boom")
     assert bpf_prog_ids() - before == set()

@@ -165,7 +165,6 @@ def main() -> int:
         result["orphans"] = s.assembler.orphans
     result["episodes"] = [e.to_json() for e in episodes]
     if jsonl:
-        from memcgscope.collector.record_cmd import header  # noqa: F401  (schema lives there)
         with open(jsonl, "w") as f:
             for e in result["episodes"]:
                 f.write(json.dumps(e) + "\n")
