@@ -32,6 +32,8 @@ def add_parser(sub) -> None:
                    help="stop after S seconds (default: until SIGINT/SIGTERM)")
     p.add_argument("--mode", choices=("fentry", "kprobe", "tracepoint"),
                    help="probe mode (default: the best usable one, see 'memcgscope doctor')")
+    p.add_argument("--memcg-state", action="store_true",
+                   help="also count memcg:mod_memcg_lruvec_state (6.13+); it fires several times per page fault")
     p.set_defaults(func=run)
 
 
@@ -71,7 +73,7 @@ def run(args) -> int:
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     out = sys.stdout if args.out == "-" else open(args.out, "w")
     episodes = 0
-    session = Session(args.mode)
+    session = Session(args.mode, memcg_state=args.memcg_state)
     try:
         try:
             session.open()

@@ -48,6 +48,8 @@ def add_parser(sub) -> None:
                    help="keep a removed cgroup's series this long (default 60)")
     p.add_argument("--divergence-log", default=DEFAULT_DIVERGENCE_LOG, metavar="FILE",
                    help=f"JSON lines of divergences with their episodes (default {DEFAULT_DIVERGENCE_LOG}; '' for none)")
+    p.add_argument("--memcg-state", action="store_true",
+                   help="also count memcg:mod_memcg_lruvec_state (6.13+); it fires several times per page fault")
     p.add_argument("--ringbuf-pages", type=int, default=256, metavar="N", help="ring buffer size in pages (default 256)")
     p.set_defaults(func=run)
 
@@ -95,7 +97,7 @@ def run(args) -> int:
         stop.set()
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    session = Session(args.mode, ringbuf_pages=args.ringbuf_pages)
+    session = Session(args.mode, ringbuf_pages=args.ringbuf_pages, memcg_state=args.memcg_state)
     stats_before = _enable_bpf_stats()
     server = None
     divergence_log = None

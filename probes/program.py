@@ -71,11 +71,18 @@ TRACEPOINT_HANDLERS = {
     ("oom", "mark_victim"): "on_mark_victim(args, args->pid);",
     ("vmscan", "mm_vmscan_memcg_reclaim_begin"): "on_tp_reclaim_begin(args, args->gfp_flags);",
     ("vmscan", "mm_vmscan_memcg_reclaim_end"): "on_tp_reclaim_end(args, args->nr_reclaimed);",
-    ("memcg", "count_memcg_events"): "item_add(0, args->id, args->item, args->val);",
-    ("memcg", "mod_memcg_state"): "item_add(1, args->id, args->item, args->val);",
+    # These fire on every page fault; the filters (-D flags, from BTF) keep
+    # the per-fault cost to a program run and a compare (bench_probes.py).
+    ("memcg", "count_memcg_events"):
+        "if (args->item == HOT_EVENT_ITEM) return 0;\n    item_add(0, args->id, args->item, args->val);",
+    ("memcg", "mod_memcg_state"):
+        "if (args->item < FIRST_MEMCG_STAT_ITEM) return 0;\n    item_add(1, args->id, args->item, args->val);",
     # node_stat_item space, kept apart from memcg_stat_item by bit 16
     ("memcg", "mod_memcg_lruvec_state"): "item_add(1, args->id, args->item | 0x10000, args->val);",
 }
+# LRU and node statistics change several times per page fault: only with
+# memcg_state=True (--memcg-state), at a cost bench_probes.py measures.
+OPT_IN_TRACEPOINTS = {("memcg", "mod_memcg_lruvec_state")}
 # In fentry/kprobe modes try_to_free_mem_cgroup_pages is probed directly.
 TRACEPOINT_ONLY = {("vmscan", "mm_vmscan_memcg_reclaim_begin"), ("vmscan", "mm_vmscan_memcg_reclaim_end")}
 
@@ -136,7 +143,7 @@ def _subst(call: str, nargs: int, args_valid: bool) -> str:
 
 def build_program(report: Report, mode: str, btf: BTF, *, max_cgroups: int = 4096,
                   ringbuf_pages: int = 256, use_perf_buffer: bool = False,
-                  fentry_check=None) -> Program:
+                  fentry_check=None, memcg_state: bool = False) -> Program:
     """The program text, flags and probe list for `mode` on the kernel
     described by `report`. `fentry_check(btf_id)` -> (ok, reason) tests one
     fentry attach (probes/bpfsys.try_fentry on a live kernel)."""
@@ -144,6 +151,11 @@ def build_program(report: Report, mode: str, btf: BTF, *, max_cgroups: int = 409
         raise ProgramError(f"unknown mode {mode!r}; use fentry, kprobe or tracepoint")
     memsw = bool(report.cgroups.v1_memory and report.cgroups.swap_accounting)
     defines = kernel_offsets(btf, memsw)
+    # enum values differ between builds: take them from this kernel's BTF
+    hot = btf.enum_value("PGFAULT")
+    defines["HOT_EVENT_ITEM"] = hot if hot is not None else -1
+    first_memcg_item = btf.enum_value("NR_VM_NODE_STAT_ITEMS")
+    defines["FIRST_MEMCG_STAT_ITEM"] = first_memcg_item if first_memcg_item is not None else 0
     defines["MAX_CGROUPS"] = max_cgroups
     defines["RINGBUF_PAGES"] = ringbuf_pages
     if use_perf_buffer:
@@ -227,6 +239,10 @@ def build_program(report: Report, mode: str, btf: BTF, *, max_cgroups: int = 409
         if body is None:
             continue
         if key in TRACEPOINT_ONLY and mode != "tracepoint":
+            continue
+        if key in OPT_IN_TRACEPOINTS and not memcg_state:
+            probes.append(ProbeStatus(tp.name, tp.full_name, "tracepoint", False,
+                                      "off by default (fires per page); --memcg-state turns it on"))
             continue
         if not report.tracepoints.get(tp.full_name):
             probes.append(ProbeStatus(tp.name, tp.full_name, "tracepoint", False, "tracepoint absent on this kernel"))

@@ -59,7 +59,7 @@ class Aggregates:
 class Session:
     def __init__(self, mode: str | None = None, *, sysroot: SysRoot | None = None,
                  report: Report | None = None, max_cgroups: int = 4096, ringbuf_pages: int = 256,
-                 use_perf_buffer: bool = False, on_episode=None):
+                 use_perf_buffer: bool = False, on_episode=None, memcg_state: bool = False):
         self.requested_mode = mode
         self.sysroot = sysroot or SysRoot("/")
         self.report = report
@@ -67,6 +67,7 @@ class Session:
         self.ringbuf_pages = ringbuf_pages
         self.use_perf_buffer = use_perf_buffer
         self.on_episode = on_episode
+        self.memcg_state = memcg_state
         self.bpf = None
         self.program: Program | None = None
         self.mode: str | None = None
@@ -117,7 +118,8 @@ class Session:
         try:
             self.program = build_program(report, mode, btf, max_cgroups=self.max_cgroups,
                                          ringbuf_pages=self.ringbuf_pages, use_perf_buffer=self.use_perf_buffer,
-                                         fentry_check=fentry_check if mode == "fentry" else None)
+                                         fentry_check=fentry_check if mode == "fentry" else None,
+                                         memcg_state=self.memcg_state)
         except ProgramError as e:
             raise SessionError(str(e)) from e
         self.mode = mode
@@ -165,6 +167,46 @@ class Session:
         core = next((p for p in self._probes if p.role == "charge_core"), None)
         if core is not None and not core.attached:
             raise SessionError(f"kprobe on {core.target} failed ({core.reason}); try --mode tracepoint")
+
+    def pause(self) -> None:
+        """Detaches every probe but keeps the programs and maps loaded, so
+        `resume()` re-attaches without compiling again (bench_probes.py
+        alternates bare and probed runs this way)."""
+        b = self.bpf
+        self._paused = {
+            "tracepoints": [(tp, "tracepoint__" + tp.decode().replace(":", "__")) for tp in list(b.tracepoint_fds)],
+            "kfunc_entry": list(b.kfunc_entry_fds), "kfunc_exit": list(b.kfunc_exit_fds),
+            "kprobes": list(self.program.kprobes),
+        }
+        for tp, _ in self._paused["tracepoints"]:
+            b.detach_tracepoint(tp)
+        for fn in self._paused["kfunc_entry"]:
+            b.detach_kfunc(fn)
+        for fn in self._paused["kfunc_exit"]:
+            b.detach_kretfunc(fn)
+        for symbol, fn, is_ret in self._paused["kprobes"]:
+            try:
+                (b.detach_kretprobe if is_ret else b.detach_kprobe)(symbol, fn_name=fn)
+            except Exception:
+                pass  # was not attached (its attach failed at open)
+
+    def resume(self) -> None:
+        b, paused = self.bpf, self._paused
+        for tp, fn in paused["tracepoints"]:
+            b.attach_tracepoint(tp=tp, fn_name=fn)
+        for fn in paused["kfunc_entry"]:
+            b.attach_kfunc(fn_name=fn)
+        for fn in paused["kfunc_exit"]:
+            b.attach_kretfunc(fn_name=fn)
+        for symbol, fn, is_ret in paused["kprobes"]:
+            try:
+                if is_ret:
+                    b.attach_kretprobe(event=symbol, fn_name=fn, maxactive=KRETPROBE_MAXACTIVE)
+                else:
+                    b.attach_kprobe(event=symbol, fn_name=fn)
+            except Exception:
+                pass
+        self._paused = None
 
     def _open_events(self) -> None:
         def callback(*args):
