@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""Turn a VM probe artifact (/tmp/memcgscope-artifacts/probes-<guest>-<mode>.json:
+{"episodes": [...], "probes": [...], "version": "v1"|"v2", "mode", "lost", ...})
+into a recording in the memcgscope.episodes/1 format (JSON lines: header,
+episodes, lost lines, trailer), small enough to commit.
+
+    make.py ARTIFACT [--kernel RELEASE] [--per-shape N] [--out FILE]
+
+The kernel release comes from --kernel or from the doctor-<guest>.txt
+next to the artifact.  At most N episodes (default 12) of each shape
+(kind, gfp, nr_pages, step kinds, ret) are kept, in recorded order, so
+common shapes stay represented without making the file large.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+
+def shape(ep):
+    return (ep.get("kind"), ep.get("gfp"), ep.get("nr_pages"),
+            tuple(s.get("kind") for s in ep.get("steps") or ()), ep.get("ret"))
+
+
+def kernel_of(artifact: Path, guest: str) -> str | None:
+    doctor = artifact.with_name(f"doctor-{guest}.txt")
+    if doctor.exists():
+        m = re.search(r"kernel (\S+)", doctor.read_text())
+        if m:
+            return m.group(1)
+    return None
+
+
+def convert(artifact: Path, kernel: str | None, per_shape: int) -> list[dict]:
+    data = json.loads(artifact.read_text())
+    m = re.match(r"probes-(.+)-(kprobe|fentry|tracepoint)\.json$", artifact.name)
+    guest = m.group(1) if m else artifact.stem
+    kernel = kernel or kernel_of(artifact, guest)
+    if not kernel:
+        raise SystemExit(f"{artifact}: no kernel release; pass --kernel or put doctor-{guest}.txt next to it")
+    version = data["version"]
+    eps = data["episodes"]
+    memsw = any("memsw_usage" in (e.get("entry") or e.get("exit") or {}) for e in eps)
+    header = {"type": "header", "schema": "memcgscope.episodes/1", "memcgscope": "0.1.0",
+              "kernel": kernel, "machine": "x86_64", "hostname": guest, "mode": data.get("mode"),
+              "cgroup": {"v1_memory": "/run/memcg-v1" if version == "v1" else None,
+                         "v2_mount": "/sys/fs/cgroup", "v2_memory": version == "v2",
+                         "swap_accounting": memsw},
+              "memsw": memsw, "page_size": 4096, "started_unix": 0.0,
+              "probes": data.get("probes", []), "source": artifact.name}
+    kept, count = [], {}
+    for e in eps:
+        k = shape(e)
+        count[k] = count.get(k, 0) + 1
+        if count[k] <= per_shape:
+            kept.append(e)
+    out = [header] + kept
+    lost = data.get("lost") or []
+    for cpu, n in enumerate(lost):
+        if n:
+            out.append({"type": "lost", "cpu": cpu, "events": n})
+    out.append({"type": "trailer", "episodes": len(kept), "lost_events": sum(lost),
+                "orphan_events": data.get("orphans", 0), "events": None, "ended_unix": 0.0,
+                "episodes_in_artifact": len(eps)})
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("artifact", type=Path)
+    ap.add_argument("--kernel")
+    ap.add_argument("--per-shape", type=int, default=12)
+    ap.add_argument("--out", type=Path, help="default: <guest>-<mode>.jsonl next to this script")
+    a = ap.parse_args(argv)
+    lines = convert(a.artifact, a.kernel, a.per_shape)
+    out = a.out or Path(__file__).with_name(a.artifact.name.removeprefix("probes-").removesuffix(".json") + ".jsonl")
+    out.write_text("".join(json.dumps(x, separators=(",", ":")) + "\n" for x in lines))
+    print(f"{out}: {len(lines) - 2} episodes, {out.stat().st_size} bytes", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
