@@ -473,3 +473,55 @@ def test_profiles_by_release():
     assert CrossChecker("6.12.117+deb12-amd64", "v2", False).profile is get_profile("6.12")
     with pytest.raises(ValueError):
         CrossChecker("6.1", "v3", False)
+
+
+@pytest.mark.parametrize("path", RECORDING_FILES, ids=lambda p: p.stem)
+def test_aggregates_match_real_cgroupfs_counters(path):
+    """The workloads' cgroups were fresh, so their cgroupfs counters at the
+    end are the window's deltas: they must agree with the episodes."""
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    header, trailer = lines[0], lines[-1]
+    cc = checker_for(header)
+    cg = "v1" if header["cgroup"]["v1_memory"] else "v2"
+    agg = AggregateChecker(header["kernel"], cg, bool(header["memsw"]))
+    for ep in lines[1:-1]:
+        if ep.get("type") == "episode":
+            agg.observe(cc.check(ep))
+    checked = 0
+    for name, w in trailer["workloads"].items():
+        if w.get("failcnt_delta") is not None:
+            cid, delta = w["cgroup_id"], w["failcnt_delta"]
+            assert agg.check_v1(cid, delta, kernel_failures=w["counter_failures"]) == []
+            assert agg.check_v1(cid, delta) == []
+            assert [d.reason for d in agg.check_v1(cid, agg.failures[(cid, "memory")] - 5)] \
+                == ["failcnt_mismatch"]
+            checked += 1
+        if w.get("events"):
+            cid, ev = w["cgroup_id"], {k: int(v) for k, v in w["events"].items()}
+            assert agg.check_v2(cid, ev) == [], name
+            assert [d.reason for d in agg.check_v2(cid, ev | {"oom": ev["oom"] + 5})] \
+                == ["events_oom_mismatch"]
+            checked += 1
+    assert checked
+
+
+def test_daemon_interface_deltas_and_baseline():
+    from types import SimpleNamespace as NS
+    agg = AggregateChecker("6.1", "v2", False)
+    cc_eps = [full_oom_charge(v1=False)]
+    snap = lambda mx, oom, kill: NS(failcnt={}, events={"max": mx, "oom": oom, "oom_kill": kill})  # noqa: E731
+    first = agg.check({"/c": snap(10, 0, 0)}, {CG: "/c"}, [], None)
+    assert first.checks == [] and first.divergences == []              # baseline
+    ok = agg.check({"/c": snap(10 + 36, 1, 1)}, {CG: "/c"}, cc_eps, None)
+    assert ok.ok and ("events_max", "ok") in ok.checks
+    bad = agg.check({"/c": snap(46 + 36, 1, 6)}, {CG: "/c"}, [], None)
+    assert {d.reason for d in bad.divergences} == {"events_max_mismatch", "events_oom_kill_mismatch"}
+    assert bad.divergences[0].episode["cgroup"] == "/c"
+    v1agg = AggregateChecker("6.1", "v1", True)
+    ka = lambda n: NS(cgroups={CG: NS(counter_failures={"memory": n})}, lost_per_cpu=[0])  # noqa: E731
+    s1 = lambda n: NS(failcnt={"memory": n}, events={})  # noqa: E731
+    v1agg.check({"/c": s1(5)}, {CG: "/c"}, [], ka(5))
+    assert v1agg.check({"/c": s1(25)}, {CG: "/c"}, [], ka(25)).ok
+    r = v1agg.check({"/c": s1(60)}, {CG: "/c"}, [], ka(40))
+    assert [d.reason for d in r.divergences] == ["failcnt_mismatch"]
+    assert v1agg.check({"/c": s1(0)}, {CG: "/c"}, [], ka(40)).checks == [("failcnt", "ok")]  # reset

@@ -9,7 +9,10 @@ episodes, lost lines, trailer), small enough to commit.
 The kernel release comes from --kernel or from the doctor-<guest>.txt
 next to the artifact.  At most N episodes (default 12) of each shape
 (kind, gfp, nr_pages, step kinds, ret) are kept, in recorded order, so
-common shapes stay represented without making the file large.
+common shapes stay represented without making the file large; except that
+every episode of a workload whose cgroupfs counters the artifact carries
+(failcnt_delta, events) is kept, and the workloads go to the trailer, so
+the aggregate checks can be tested against the real counters.
 """
 
 from __future__ import annotations
@@ -52,11 +55,14 @@ def convert(artifact: Path, kernel: str | None, per_shape: int) -> list[dict]:
                          "swap_accounting": memsw},
               "memsw": memsw, "page_size": 4096, "started_unix": 0.0,
               "probes": data.get("probes", []), "source": artifact.name}
+    workloads = data.get("workloads") or {}
+    whole = {w["cgroup_id"] for w in workloads.values()
+             if isinstance(w, dict) and (w.get("events") or w.get("failcnt_delta") is not None)}
     kept, count = [], {}
     for e in eps:
         k = shape(e)
         count[k] = count.get(k, 0) + 1
-        if count[k] <= per_shape:
+        if count[k] <= per_shape or e.get("cgroup_id") in whole:
             kept.append(e)
     out = [header] + kept
     lost = data.get("lost") or []
@@ -65,7 +71,7 @@ def convert(artifact: Path, kernel: str | None, per_shape: int) -> list[dict]:
             out.append({"type": "lost", "cpu": cpu, "events": n})
     out.append({"type": "trailer", "episodes": len(kept), "lost_events": sum(lost),
                 "orphan_events": data.get("orphans", 0), "events": None, "ended_unix": 0.0,
-                "episodes_in_artifact": len(eps)})
+                "episodes_in_artifact": len(eps), "workloads": workloads})
     return out
 
 
