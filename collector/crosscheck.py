@@ -468,23 +468,29 @@ class CrossChecker:
 
     # -- charge ------------------------------------------------------------------------
     def _shape(self, ep, steps, cid):
-        """(shape steps, rel -> cgroup id) of an episode's steps."""
-        rels = {cid: 0}
+        """(shape steps, rel -> cgroup id) of an episode's steps.  Hot: every
+        episode builds its shape, so the common cases come first."""
+        rels = None
         ids = [cid]
         out = []
+        add = out.append
         memsw = self.memsw
         for s in steps:
             k = s["kind"]
             g = s.get("cgroup_id")
-            if g is None:
+            if g == cid:
+                rel = 0
+            elif g is None:
                 rel = None
             else:
+                if rels is None:
+                    rels = {cid: 0}
                 rel = rels.get(g)
                 if rel is None:
                     rel = rels[g] = len(ids)
                     ids.append(g)
             if k == "counter_fail":
-                out.append(("F", s["counter"], s["nr_pages"], rel))
+                add(("F", s["counter"], s["nr_pages"], rel))
             elif k == "reclaim":
                 nr = s["nr_pages"]
                 a = s.get("after")
@@ -493,17 +499,19 @@ class CrossChecker:
                 else:
                     margin = a["max"] - a["usage"]
                     if memsw and "memsw_max" in a:
-                        margin = min(margin, a["memsw_max"] - a["memsw_usage"])
+                        m2 = a["memsw_max"] - a["memsw_usage"]
+                        if m2 < margin:
+                            margin = m2
                     margin = margin >= nr
                 opt = s.get("options")
-                out.append(("R", rel, nr, s["gfp"], opt, s["freed"] > 0, margin,
-                            opt is None or bool(opt & _MAY_SWAP)))
+                add(("R", rel, nr, s["gfp"], opt, s["freed"] > 0, margin,
+                     opt is None or bool(opt & _MAY_SWAP)))
             elif k == "drain":
-                out.append(("D", rel))
+                add(("D", rel))
             elif k == "oom":
-                out.append(("O", rel, s.get("gfp"), s["order"], bool(s["result"])))
+                add(("O", rel, s.get("gfp"), s["order"], bool(s["result"])))
             elif k == "oom_kill":
-                out.append(("K", rel))
+                add(("K", rel))
             else:
                 raise ValueError(f"unknown step kind {k!r}")
         return tuple(out), ids
@@ -529,42 +537,57 @@ class CrossChecker:
         cid = ep["cgroup_id"]
         gfp, nr, ret = ep["gfp"], ep["nr_pages"], ep["ret"]
         shape, ids = self._shape(ep, ep.get("steps") or (), cid)
-        for s in shape:
-            if s[0] == "F":
-                key = (ids[s[3]], s[1])
-                res.failures[key] = res.failures.get(key, 0) + 1
-            elif s[0] == "K":
-                res.kills += 1
-        if not self._check_ancestry(ep, ids, res, "charge"):
+        if self.ancestors is not None and not self._check_ancestry(ep, ids, res, "charge"):
             return
         key = ("charge", gfp, nr, ret, shape)
         out = self._cache.get(key)
         if out is None:
-            out = self._replay_charge(gfp, nr, ret, shape)
+            out = self._charge_outcome(gfp, nr, ret, shape)
             if len(self._cache) >= _CACHE_MAX:
                 self._cache.clear()
             self._cache[key] = out
-        verdict, reason, detail, events, forced = out
+        verdict, reason, detail, events, forced, fails, kills = out
+        # per-cgroup counts for the aggregate checks (rel -> id of this episode)
         for (rel, name), n in events:
-            g = ids[rel]
-            res.events[(g, name)] = res.events.get((g, name), 0) + n
+            k = (ids[rel], name)
+            res.events[k] = res.events.get(k, 0) + n
+        for (rel, counter), n in fails:
+            k = (ids[rel], counter)
+            res.failures[k] = res.failures.get(k, 0) + n
+        res.kills += kills
         ts = ep.get("ts_ns", 0)
-        self._charges_by_tid[ep.get("tid")] = (ts, ts + (ep.get("duration_ns") or 0), nr, ret)
+        tids = self._charges_by_tid
+        if len(tids) > 65536:
+            tids.clear()     # only the latest charge of a task is ever asked for
+        tids[ep.get("tid")] = (ts, ts + (ep.get("duration_ns") or 0), nr, ret)
         if forced:
             self._last_forced_ns = ts
-        if verdict != "ok":
-            # not replayed: the events the observation shows (a max per reclaim
-            # pass on its target, an oom per OOM call) stand in for the model's
-            for s in shape:
-                if s[0] in ("R", "O") and s[1] is not None:
-                    name = (ids[s[1]], "max" if s[0] == "R" else "oom")
-                    res.events[name] = res.events.get(name, 0) + 1
         if verdict == "divergent":
             self._flag(res, "charge", reason, detail, ep)
             return
         res.checks.append(("charge", verdict))
-        if verdict == "ok" and ret == 0 and not forced and self.cgroup == "v1":
+        if ret == 0 and verdict == "ok" and not forced and self.cgroup == "v1":
             self._check_over_max(ep, res, ts)
+
+    def _charge_outcome(self, gfp, nr, ret, shape):
+        """The cached outcome of a charge shape: the replay's verdict and the
+        counts the aggregates need, relative to the charged memcg."""
+        verdict, reason, detail, events, forced = self._replay_charge(gfp, nr, ret, shape)
+        fails, kills = Counter(), 0
+        for s in shape:
+            if s[0] == "F" and s[3] is not None:
+                fails[(s[3], s[1])] += 1
+            elif s[0] == "K":
+                kills += 1
+        if verdict != "ok":
+            # not replayed: the events the observation shows (a max per reclaim
+            # pass on its target, an oom per OOM call) stand in for the model's
+            ev = Counter()
+            for s in shape:
+                if s[0] in ("R", "O") and s[1] is not None:
+                    ev[(s[1], "max" if s[0] == "R" else "oom")] += 1
+            events = tuple(ev.items())
+        return verdict, reason, detail, events, forced, tuple(fails.items()), kills
 
     def _check_over_max(self, ep, res, ts):
         # v1 limits are never set below usage and a successful try_charge keeps
@@ -679,10 +702,25 @@ class CrossChecker:
         if (fname in v1_files) != (self.cgroup == "v1") or fname not in v1_files + ("memory.max", "memory.high"):
             self._flag(res, "limit_write", "malformed", f"file {fname} on cgroup {self.cgroup}", ep)
             return
+        # the replay depends on the values only through these (see below)
         if fname in v1_files:
-            out = self._replay_v1_limit(ep, fname, ret, shape)
+            ent = ep.get("entry") or {}
+            value = ep["value"]
+            memsw_file = fname == "memory.memsw.limit_in_bytes"
+            inv = (value >= ent.get("max", 0)) if memsw_file else (value <= ent.get("memsw_max", _BIG))
+            key = ("v1_limit", fname, ret, bool(ent), inv, shape)
         else:
-            out = self._replay_v2_limit(ep, fname, ret, shape)
+            key = ("v2_limit", fname, ret, ep.get("text"), ep.get("value"),
+                   (ep.get("exit") or {}).get("max"), shape)
+        out = self._cache.get(key)
+        if out is None:
+            if fname in v1_files:
+                out = self._replay_v1_limit(ep, fname, ret, shape)
+            else:
+                out = self._replay_v2_limit(ep, fname, ret, shape)
+            if len(self._cache) >= _CACHE_MAX:
+                self._cache.clear()
+            self._cache[key] = out
         verdict, reason, detail, events = out
         for (rel, name), n in events:
             g = ids[rel]

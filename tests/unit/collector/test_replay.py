@@ -155,3 +155,17 @@ def test_wired_into_cli(capsys):
     if "replay" not in cli.COMMANDS:
         pytest.skip("replay is not registered in collector/cli.py COMMANDS yet")
     assert cli.main(["replay", str(ONE)]) == 0
+
+
+def test_bench_runs_small():
+    import importlib.util
+    script = Path(__file__).resolve().parents[2] / "bench" / "bench_replay.py"
+    spec = importlib.util.spec_from_file_location("bench_replay", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for short in (False, True):
+        r = mod.run(300, short=short)
+        assert r["episodes"] == 300 * len(r["files"]) and r["divergences"] == 0
+        assert r["check_per_s"] > 0 and r["decode_check_per_s"] > 0
+        # every shape is replayed once per checker, then cached
+        assert 0 < r["full_replays"] < r["episodes"]
