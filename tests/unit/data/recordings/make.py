@@ -7,9 +7,10 @@ episodes, lost lines, trailer), small enough to commit.
     make.py ARTIFACT [--kernel RELEASE] [--per-shape N] [--out FILE]
 
 The kernel release comes from --kernel or from the doctor-<guest>.txt
-next to the artifact.  At most N episodes (default 12) of each shape
+next to the artifact.  At most N episodes (default 8) of each shape
 (kind, gfp, nr_pages, step kinds, ret) are kept, in recorded order, so
-common shapes stay represented without making the file large; except that
+common shapes stay represented without making the file large (steps also
+lose their ts_ns and duration_ns, which no check reads); except that
 every episode of a workload whose cgroupfs counters the artifact carries
 (failcnt_delta, events) is kept, and the workloads go to the trailer, so
 the aggregate checks can be tested against the real counters.
@@ -63,6 +64,8 @@ def convert(artifact: Path, kernel: str | None, per_shape: int) -> list[dict]:
         k = shape(e)
         count[k] = count.get(k, 0) + 1
         if count[k] <= per_shape or e.get("cgroup_id") in whole:
+            e = dict(e, steps=[{f: v for f, v in st.items() if f not in ("ts_ns", "duration_ns")}
+                               for st in e.get("steps") or ()])
             kept.append(e)
     out = [header] + kept
     lost = data.get("lost") or []
@@ -79,7 +82,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("artifact", type=Path)
     ap.add_argument("--kernel")
-    ap.add_argument("--per-shape", type=int, default=12)
+    ap.add_argument("--per-shape", type=int, default=8)
     ap.add_argument("--out", type=Path, help="default: <guest>-<mode>.jsonl next to this script")
     a = ap.parse_args(argv)
     lines = convert(a.artifact, a.kernel, a.per_shape)
