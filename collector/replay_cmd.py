@@ -116,9 +116,10 @@ def _setup(header: dict, profile_arg: str | None, name: str):
         raise BadInput(f"{name}:1: the header's 'cgroup' names no memory controller (v1_memory, v2_memory)")
     memsw = bool(header.get("memsw")) and cgroup == "v1"
     # drains are always seen only when drain_all_stock itself (not a .part
-    # clone entered past its trylock) is probed
+    # clone entered past its trylock) is probed, with no caveat (6.12 fentry:
+    # "calls that go straight to drain_all_stock.part.0 are not seen")
     drains_visible = any(p.get("role") == "drain_all_stock" and p.get("attached")
-                         and "." not in str(p.get("target", ""))
+                         and "." not in str(p.get("target", "")) and not p.get("reason")
                          for p in header.get("probes") or ())
     return profile, cgroup, memsw, drains_visible
 

@@ -169,3 +169,16 @@ def test_bench_runs_small():
         assert r["check_per_s"] > 0 and r["decode_check_per_s"] > 0
         # every shape is replayed once per checker, then cached
         assert 0 < r["full_replays"] < r["episodes"]
+
+
+@pytest.mark.parametrize("stem,visible", [
+    ("debian-6.1-v1-kprobe", False),    # only drain_all_stock.part.0, entered past the trylock
+    ("debian-6.12-v2-fentry", False),   # attached, but calls straight to the .part.0 clone are missed
+    ("debian-6.12-v2-kprobe", True),    # every clone kprobed
+])
+def test_drains_visible_from_header(stem, visible):
+    path = RECORDINGS / f"{stem}.jsonl"
+    if not path.exists():
+        pytest.skip(f"{path.name} not recorded")
+    header = json.loads(lines_of(path)[0])
+    assert replay_cmd._setup(header, None, path.name)[3] is visible
