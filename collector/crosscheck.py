@@ -195,6 +195,7 @@ class _Replay:
         self.limit_max = limit_max
         self.signal_ok = ret == -errno.EINTR if mode == "v1_limit" else True
         self.last = None                    # the last step consumed
+        self.retries = 16                   # the model's nr_retries, for `moving`
         self.cgroups = {}                   # rel -> MemCgroup
         kernel._mcs_replay = self
 
@@ -248,13 +249,24 @@ class _Replay:
             rest = self.steps[self.i:]
             # >= 6.1 sync memory.high reclaim after a successful charge
             # (mem_cgroup_handle_over_high): every remaining step is a
-            # may-swap reclaim of the charge's gfp asking over_high (> BATCH)
-            # or SWAP_CLUSTER_MAX pages
-            if all(s[0] == "R" and s[7] and s[3] == self.gfp for s in rest) and rest[0][2] > 32:
+            # may-swap reclaim of the charge's gfp, the first asking
+            # over_high (> BATCH) pages, retries SWAP_CLUSTER_MAX
+            if (all(s[0] == "R" and s[7] and s[3] == self.gfp for s in rest)
+                    and rest[0][2] > self.k.profile.charge_batch):
                 self.i = len(self.steps)
                 counter.charge(nr)
                 return True, None
         self.mismatch("charges again")
+
+    def moving(self, over):
+        """v1 <= 6.12 mem_cgroup_wait_acct_move: a charge move in progress
+        sends the loop back to retry without using a retry.  Asked where the
+        model is about to use one: ``retries`` mirrors the model's count, and
+        only a kernel that retried with none left is explained by a move."""
+        if self.retries > 0:
+            self.retries -= 1
+            return False
+        return self.peek()[0] == "F"
 
     def set_max(self, counter, nr):
         nxt = self.peek()
@@ -326,6 +338,8 @@ class _Replay:
         self.take()
         if self.mode == "v2_write":
             self._prime(0)
+        if nxt[4]:
+            self.retries = 16     # passed_oom: the charge's retries start again
         return OomOutcome(result=bool(nxt[4]), victim=target if kills else None)
 
     def _prime(self, freed):
@@ -649,6 +663,8 @@ class CrossChecker:
         if self.cgroup == "v1":
             variants.append(dict(in_oom=True))
             variants.append(dict(oom_kill_disable=True))
+            if p.charge_move_wait:
+                variants.append(dict(moving=True))
         first = None
         for v in variants:
             k, cgroups = self._new_kernel(nrel)
@@ -667,7 +683,8 @@ class CrossChecker:
                 for m in cgroups.values():
                     m.oom_kill_disable = True
             try:
-                out = k.charge(leaf, nr, gfp, 0, r.reclaim, task=task, oom=r.oom, drain=r.drain)
+                out = k.charge(leaf, nr, gfp, 0, r.reclaim, task=task, oom=r.oom, drain=r.drain,
+                               moving=r.moving if v.get("moving") else None)
                 final = out.steps[-1] if out.steps else None
                 r.nomem = final.reason if final is not None and final.kind == "nomem" else None
                 forced = any(s.kind == "force" for s in out.steps)

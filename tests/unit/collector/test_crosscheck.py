@@ -213,11 +213,31 @@ def test_oom_for_order_above_3():
 
 
 def test_too_many_passes_without_progress():
-    good = full_oom_charge()
+    good = full_oom_charge(v1=False)
     i = next(j for j, s in enumerate(good["steps"]) if s["kind"] == "oom_kill")
     bad = copy.deepcopy(good)
-    bad["steps"][i:i] = passes(1)
-    assert reasons(v1().check(bad)) == ["retry_budget"]
+    bad["steps"][i:i] = passes(1, v1=False)
+    assert reasons(v2().check(bad)) == ["retry_budget"]
+    # after the OOM too: 17 passes then -ENOMEM, not 18
+    bad2 = copy.deepcopy(good)
+    bad2["steps"] += passes(1, v1=False)
+    assert reasons(v2().check(bad2)) == ["retry_budget"]
+
+
+def test_v1_charge_move_wait_admits_extra_passes_until_6_18():
+    """v1 memory.move_charge_at_immigrate: a charge move in progress makes
+    the loop retry without using a retry (mem_cgroup_wait_acct_move, gone
+    in 6.13+).  Unobservable, so extra passes are admitted on v1 <= 6.12."""
+    good = full_oom_charge()
+    i = next(j for j, s in enumerate(good["steps"]) if s["kind"] == "oom_kill")
+    more = copy.deepcopy(good)
+    more["steps"][i:i] = passes(3)
+    assert v1().check(more).ok
+    assert reasons(CrossChecker("6.18", "v1", True).check(more)) == ["retry_budget"]
+    # an OOM still needs the budget spent first: a move only adds passes
+    early = charge([cf(64), cf(1), rc(), dr(), cf(1), rc(), kill(), oom(True), cf(1), rc(3)])
+    assert reasons(v1().check(early)) == ["oom_early"]
+
 
 
 def test_progress_does_not_consume_retries():
