@@ -19,6 +19,7 @@ COMMANDS = {
     "simulate": "simulate",
     "record": "record_cmd",
     "run": "run_cmd",
+    "replay": "replay_cmd",
 }
 
 

@@ -163,10 +163,7 @@ def run(args) -> int:
 
 def _checkers(profile: str, version: int, memsw: bool):
     """The per-episode and aggregate checkers for this kernel's profile."""
-    try:
-        from .crosscheck import AggregateChecker, CrossChecker
-    except ImportError:  # pragma: no cover - the cross-checker ships with the collector
-        return None, None
+    from .crosscheck import AggregateChecker, CrossChecker
     cgroup = f"v{version}"
     return CrossChecker(profile, cgroup, memsw), AggregateChecker(profile, cgroup, memsw)
 

@@ -23,6 +23,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from memcgscope.collector.cgroups import resolver_for  # noqa: E402
+from memcgscope.collector.crosscheck import AggregateChecker, CrossChecker  # noqa: E402
+from memcgscope.collector.daemon import Daemon, DivergenceLog, profile_for_kernel  # noqa: E402
 from memcgscope.collector.scratch import ScratchCgroup, own_memory_cgroup_dir  # noqa: E402
 from memcgscope.probes.session import Session  # noqa: E402
 
@@ -39,10 +42,17 @@ if len(sys.argv) > 2:
 """
 
 
+DAEMON = None  # the collector's own loop body, fed every episode (the live cross-check)
+
+
 def pump(session, episodes, seconds=0.0, until=None):
     deadline = time.monotonic() + seconds
     while True:
-        episodes.extend(session.poll(timeout_ms=50))
+        new = session.poll(timeout_ms=50)
+        episodes.extend(new)
+        if DAEMON is not None:
+            for ep in new:
+                DAEMON.handle(ep)
         if until is not None and until():
             break
         if until is None and time.monotonic() >= deadline:
@@ -91,7 +101,16 @@ def disk_backed_dir() -> str:
     return mnt
 
 
+def watch(cg):
+    """Makes the collector watch a new scratch cgroup and take its cgroupfs
+    baseline, so the next tick checks the workload's deltas."""
+    DAEMON.resolver.rescan()
+    DAEMON.label_for(cg.inode)
+    DAEMON.tick()
+
+
 def main() -> int:
+    global DAEMON
     mode, out_path = sys.argv[1], sys.argv[2]
     jsonl = sys.argv[4] if len(sys.argv) > 4 and sys.argv[3] == "--episodes" else None
     with open("/sys/kernel/mm/transparent_hugepage/enabled", "w") as f:
@@ -104,9 +123,20 @@ def main() -> int:
         result["open_seconds"] = round(time.monotonic() - t0, 1)
         result["mode"] = s.mode
         result["probes"] = [p.__dict__ for p in s.status()]
+        hierarchy, resolver = resolver_for()
+        profile, _ = profile_for_kernel(s.report.kernel)
+        cgroup = f"v{hierarchy.version}"
+        div_path = os.path.join(os.path.dirname(os.path.abspath(out_path)), "divergences.jsonl")
+        DAEMON = Daemon(s, resolver=resolver, cgroup_version=hierarchy.version, mountpoint=hierarchy.mountpoint,
+                        checker=CrossChecker(profile, cgroup, s.assembler.memsw),
+                        aggregate_checker=AggregateChecker(profile, cgroup, s.assembler.memsw),
+                        divergence_log=DivergenceLog(div_path), interval=1e9, profile=profile,
+                        kernel=s.report.kernel)
+        result["profile"] = profile
 
         # thp: anon beyond the limit, huge pages first
         with ScratchCgroup("thp", "32M") as cg:
+            watch(cg)
             fail0 = read_int(cg, "memory.failcnt") if version == "v1" else None
             r = run_polling(s, episodes, cg, [PY, "-c", TOUCH, "64"])
             pump(s, episodes, 0.5)
@@ -118,19 +148,23 @@ def main() -> int:
                 "counter_failures": agg.counter_failures if agg else {},
                 "charges": agg.charges if agg else {}, "page_charges": agg.page_charges if agg else {},
                 "oom": agg.oom if agg else {}}
+            DAEMON.tick()
 
         # file: page cache that reclaim can free
         target = os.path.join(disk_backed_dir(), "memcgscope-vm-file.bin")
         with ScratchCgroup("file", "32M") as cg:
+            watch(cg)
             r = run_polling(s, episodes, cg, ["dd", "if=/dev/zero", f"of={target}", "bs=1M", "count=96", "conv=fsync"])
             pump(s, episodes, 0.5)
             os.unlink(target)
+            DAEMON.tick()
             agg = s.aggregates().cgroups.get(cg.inode)
             result["workloads"]["file"] = {"cgroup_id": cg.inode, "returncode": r.returncode,
                                            "reclaim": agg.reclaim if agg else {}}
 
         # a limit write below what the holder cannot give back
         with ScratchCgroup("limit", "64M") as cg:
+            watch(cg)
             holder = cg.popen([PY, "-c", TOUCH, "48", "600"], stdout=subprocess.PIPE, text=True)
             assert holder.stdout.readline().strip() == "touched"
             pump(s, episodes, 0.5)
@@ -160,7 +194,18 @@ def main() -> int:
                     "holder_returncode": holder.returncode, "events": events(cg)}
             holder.kill()
             holder.wait()
-        episodes.extend(s.finish())
+            pump(s, episodes, 0.5)
+            DAEMON.tick()
+        for ep in s.finish():
+            episodes.append(ep)
+            DAEMON.handle(ep)
+        DAEMON.divergence_log.close()
+        c = DAEMON.counts
+        result["crosscheck"] = {
+            "episodes": c.total_episodes, "unresolved": c.unresolved,
+            "checks": {f"{check}:{verdict}": n for (check, verdict), n in c.checks.items()},
+            "divergences": {f"{check}:{reason}": n for (check, reason), n in c.divergences.items()},
+            "records": [json.loads(line) for line in open(div_path)][:20] if os.path.exists(div_path) else []}
         result["lost"] = s.lost()
         result["orphans"] = s.assembler.orphans
     result["episodes"] = [e.to_json() for e in episodes]
@@ -170,7 +215,8 @@ def main() -> int:
                 f.write(json.dumps(e) + "\n")
     with open(out_path, "w") as f:
         json.dump(result, f)
-    print(f"guest workload: mode {result['mode']}, {len(episodes)} episodes, lost {sum(result['lost'])}")
+    print(f"guest workload: mode {result['mode']}, {len(episodes)} episodes, lost {sum(result['lost'])}, "
+          f"checks {result['crosscheck']['checks']}, divergences {result['crosscheck']['divergences']}")
     return 0
 
 

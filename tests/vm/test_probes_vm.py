@@ -34,6 +34,13 @@ def test_probes_in_guest(guest, mode):
         assert probes[role]["attached"], probes[role]
     assert sum(res["lost"]) == 0 and res["orphans"] == 0
 
+    # the collector's live cross-check saw it all and the model agrees
+    cc = res["crosscheck"]
+    checked = sum(n for key, n in cc["checks"].items() if not key.endswith(":skipped"))
+    assert checked > 100, cc["checks"]
+    assert cc["divergences"] == {}, json.dumps(cc["records"], indent=1)[:6000]
+    assert cc["unresolved"] == 0
+
     # huge-page faults charge with GFP_TRANSHUGE_LIGHT: -ENOMEM at once,
     # no reclaim, and the fault falls back to small pages
     thp_id = wl["thp"]["cgroup_id"]
