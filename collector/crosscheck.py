@@ -946,6 +946,14 @@ class AggregateChecker:
         self.events.update(result.events)
         self.kills += result.kills
 
+    def observe_episodes(self, episodes) -> None:
+        """Check a window's episodes (dicts) with this checker's own
+        CrossChecker (shape-cached) and observe the results."""
+        if self._checker is None:
+            self._checker = CrossChecker(self.profile, self.cgroup, self.memsw)
+        for ep in episodes:
+            self.observe(self._checker.check(ep))
+
     def check_v1(self, cgroup_id: int, failcnt_delta: int, memsw_failcnt_delta: int | None = None,
                  kernel_failures: Mapping | None = None, lost: int = 0) -> list[Divergence]:
         """v1 ``memory.failcnt`` (and ``memory.memsw.failcnt``) deltas.
@@ -1012,11 +1020,8 @@ class AggregateChecker:
     # -- the daemon's entry point -------------------------------------------------------
     def check(self, raw: Mapping, watched: Mapping, window, aggregates=None) -> CheckResult:
         res = CheckResult()
-        if self._checker is None:
-            self._checker = CrossChecker(self.profile, self.cgroup, self.memsw)
         self.reset()
-        for ep in window:
-            self.observe(self._checker.check(ep))
+        self.observe_episodes(window)
         kagg = getattr(aggregates, "cgroups", None) or {}
         lost_now = sum(getattr(aggregates, "lost_per_cpu", None) or [])
         lost = max(0, lost_now - self._prev_lost) if self._prev_lost is not None else 0

@@ -467,9 +467,8 @@ def test_aggregate_v1_failcnt():
 
 
 def test_aggregate_v2_events_from_replays():
-    cc, agg = v2(), AggregateChecker("6.1", "v2", False)
-    agg.observe(cc.check(full_oom_charge(v1=False)))
-    agg.observe(cc.check(_as_v2(charge([cf(64), cf(1), rc(3)]))))
+    agg = AggregateChecker("6.1", "v2", False)
+    agg.observe_episodes([full_oom_charge(v1=False), _as_v2(charge([cf(64), cf(1), rc(3)]))])
     # 18 passes before the OOM and 17 after, plus one; one OOM; one kill
     assert agg.events[(CG, "max")] == 36
     assert agg.events[(CG, "oom")] == 1
