@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 
 from memcgscope.model import Kernel
 from memcgscope.model.context import OomOutcome, Task
-from memcgscope.model.gfp import _BITS, GFP, order_of
+from memcgscope.model.charge import MAX_RECLAIM_RETRIES
+from memcgscope.model.gfp import GFP, order_of
 from memcgscope.model.page_counter import PAGE_SIZE, PageCounter, page_counter_memparse
 from memcgscope.model.profiles import get_profile
 
@@ -86,11 +87,11 @@ REASONS = {
 CHECKS = ("charge", "limit_write", "page_charge", "oom_kill", "reclaim",
           "failcnt", "memsw_failcnt", "events_max", "events_oom", "events_oom_kill")
 
-_DIRECT = _BITS["DIRECT_RECLAIM"]
-_RECLAIM_BITS = _BITS["DIRECT_RECLAIM"] | _BITS["KSWAPD_RECLAIM"]
-_GFP_KERNEL = GFP.KERNEL
+_DIRECT = GFP.DIRECT_RECLAIM
 _MAY_SWAP = 1 << 1
 _BIG = 1 << 40          # the scratch model's limits: far from any observed size
+_CHECK_OF_KIND = {"charge": "charge", "limit_write": "limit_write", "page_charge_fail": "page_charge",
+                  "oom_kill": "oom_kill", "reclaim": "reclaim"}
 _CACHE_MAX = 50_000     # shapes kept; cleared when full (shapes repeat a lot)
 _END = ("E",)
 
@@ -195,8 +196,10 @@ class _Replay:
         self.limit_max = limit_max
         self.signal_ok = ret == -errno.EINTR if mode == "v1_limit" else True
         self.last = None                    # the last step consumed
-        self.retries = 16                   # the model's nr_retries, for `moving`
+        self.retries = MAX_RECLAIM_RETRIES  # the model's nr_retries, for `moving`
         self.cgroups = {}                   # rel -> MemCgroup
+        self.task = None                    # the _ReplayTask of the run
+        self.nomem = None                   # the model's -ENOMEM reason, once it returned
         kernel._mcs_replay = self
 
     # -- cursor ------------------------------------------------------------------
@@ -339,7 +342,7 @@ class _Replay:
         if self.mode == "v2_write":
             self._prime(0)
         if nxt[4]:
-            self.retries = 16     # passed_oom: the charge's retries start again
+            self.retries = MAX_RECLAIM_RETRIES   # passed_oom: the retries start again
         return OomOutcome(result=bool(nxt[4]), victim=target if kills else None)
 
     def _prime(self, freed):
@@ -476,7 +479,7 @@ class CrossChecker:
             else:
                 self._flag(res, "episode", "malformed", f"unknown episode kind {kind!r}", ep)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-            self._flag(res, kind if kind in CHECKS else "episode", "malformed",
+            self._flag(res, _CHECK_OF_KIND.get(kind, "episode"), "malformed",
                        f"{type(e).__name__}: {e}", ep)
         return res
 
@@ -725,6 +728,10 @@ class CrossChecker:
         if (fname in v1_files) != (self.cgroup == "v1") or fname not in v1_files + ("memory.max", "memory.high"):
             self._flag(res, "limit_write", "malformed", f"file {fname} on cgroup {self.cgroup}", ep)
             return
+        if any(s[0] == "F" for s in shape):
+            # limit writes charge nothing: a charge's steps got mixed in
+            self._flag(res, "limit_write", "malformed", "counter failure inside a limit write", ep)
+            return
         # the replay depends on the values only through these (see below)
         if fname in v1_files:
             ent = ep.get("entry") or {}
@@ -801,8 +808,6 @@ class CrossChecker:
         entry = ep.get("entry")
         if not entry:
             return ("skipped", "", "", ())
-        if any(s[0] in ("F",) for s in shape):
-            return ("divergent", "malformed", "counter failure inside a limit write", ())
         value = ep["value"]
         text = "-1" if value >= (1 << 63) // PAGE_SIZE else str(value * PAGE_SIZE)
         return self._run_write("v1_limit", shape, ret, fname, text, entry=entry)

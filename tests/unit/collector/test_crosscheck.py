@@ -338,6 +338,10 @@ def test_incomplete_and_malformed():
     assert reasons(v1().check(bad)) == ["malformed"]
     assert reasons(v1().check({"kind": "charge"})) == ["malformed"]
     assert reasons(v1().check({"kind": "zap"})) == ["malformed"]
+    assert v1().check({"kind": "page_charge_fail"}).checks == [("page_charge", "divergent")]
+    lw = limit("memory.limit_in_bytes", [dr(), cf(1, cg=99)], -16, 4096)
+    assert reasons(v1().check(lw)) == ["malformed"]
+    assert reasons(v2().check(limit("memory.limit_in_bytes", [], 0, 4096))) == ["malformed"]
 
 
 # -- limit writes ---------------------------------------------------------------------------
