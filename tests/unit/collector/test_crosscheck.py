@@ -560,3 +560,31 @@ def test_daemon_interface_deltas_and_baseline():
     r = v1agg.check({"/c": s1(60)}, {CG: "/c"}, [], ka(40))
     assert [d.reason for d in r.divergences] == ["failcnt_mismatch"]
     assert v1agg.check({"/c": s1(0)}, {CG: "/c"}, [], ka(40)).checks == [("failcnt", "ok")]  # reset
+
+
+def test_mutated_real_episodes_never_crash():
+    """Steps dropped, duplicated or swapped in real episodes: the checker
+    always answers with a verdict and a reason from the documented set."""
+    import random
+    rng = random.Random(7)
+    for path in RECORDING_FILES:
+        header, eps = load(path)
+        cc = checker_for(header, ancestors=lambda cid: None)
+        for ep in eps:
+            for _ in range(4):
+                m = copy.deepcopy(ep)
+                steps = m.get("steps") or []
+                if steps:
+                    i = rng.randrange(len(steps))
+                    op = rng.choice(("drop", "dup", "swap", "ret"))
+                    if op == "drop":
+                        del steps[i]
+                    elif op == "dup":
+                        steps.insert(i, copy.deepcopy(steps[i]))
+                    elif op == "swap" and i + 1 < len(steps):
+                        steps[i], steps[i + 1] = steps[i + 1], steps[i]
+                    else:
+                        m["ret"] = rng.choice((0, -12, -16, -4, 3))
+                res = cc.check(m)
+                assert res.checks and all(v in ("ok", "divergent", "skipped") for _, v in res.checks)
+                assert all(d.reason in REASONS for d in res.divergences)
