@@ -162,10 +162,9 @@ class Daemon:
         """The `cgroup` label for an id: None when it does not resolve (yet)
         or is filtered out by --cgroup."""
         path = self.path_for(cgid)
-        if path is None or not matches(path, self.globs):
+        if path is None or (self.globs and not matches(path, self.globs)):
             return None
-        with self._lock:
-            self._watched[cgid] = path
+        self._watched[cgid] = path
         return self.limiter.label(path)
 
     def cgroupfs_snapshot(self) -> dict[str, CgroupSnapshot]:
@@ -182,18 +181,20 @@ class Daemon:
         d = episode.to_json() if hasattr(episode, "to_json") else episode
         if not retry:
             self.counts.total_episodes += 1
-        path = self.path_for(d["cgroup_id"])
+        cgid = d["cgroup_id"]
+        path = self.path_for(cgid)
         if path is None:
             if retry or len(self._unresolved) >= self.MAX_PENDING:
                 self.counts.unresolved += 1
             else:
                 self._unresolved.append(d)
             return
-        label = self.label_for(d["cgroup_id"])
-        if label is None:
-            return  # filtered out by --cgroup
+        if self.globs and not matches(path, self.globs):
+            return
+        self._watched[cgid] = path  # a single dict store: atomic for the scrape thread
+        label = self.limiter.label(path)
         self.counts.episodes[(label, d["kind"])] += 1
-        d["cgroup"] = self.path_for(d["cgroup_id"])
+        d["cgroup"] = path
         self._window.append(d)
         if self.checker is None:
             return

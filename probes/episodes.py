@@ -11,6 +11,7 @@ probes/README.md (schema memcgscope.episodes/1).
 from __future__ import annotations
 
 import ctypes
+import struct
 from dataclasses import dataclass, field
 
 __all__ = ["Event", "RawEvent", "Episode", "EpisodeAssembler", "EV", "CALLERS", "LIMIT_KINDS",
@@ -53,7 +54,7 @@ class RawEvent(ctypes.Structure):
     ]
 
 
-@dataclass
+@dataclass(slots=True)
 class Event:
     type: int
     cpu: int
@@ -73,15 +74,31 @@ class Event:
     duration_ns: int = 0
     caller: int = 0
     flags: int = 0
-    comm: str = ""
-    data: str = ""
+    comm: bytes | str = b""  # NUL-padded as sent; _text() when needed
+    data: bytes | str = b""
+
+
+# struct event_t as one precompiled unpack: ctypes field access costs ~10x
+# more per event, and the collector decodes every event it receives
+_EVENT = struct.Struct("<IIIIQQQQQQqQQQQQII16s24s")
+assert _EVENT.size == ctypes.sizeof(RawEvent)
+EVENT_SIZE = _EVENT.size
+
+
+def decode_bytes(buf: bytes) -> Event:
+    """An event from the bytes the ring buffer handed over. `comm` and
+    `data` stay bytes: only an episode's first event needs them as text."""
+    return Event(*_EVENT.unpack_from(buf))
+
+
+def _text(raw: bytes | str) -> str:
+    if isinstance(raw, str):
+        return raw
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
 
 
 def decode(raw: RawEvent) -> Event:
-    return Event(raw.type, raw.cpu, raw.pid, raw.tid, raw.ts, raw.episode, raw.cgid,
-                 raw.arg0, raw.arg1, raw.arg2, raw.ret, raw.usage, raw.max,
-                 raw.memsw_usage, raw.memsw_max, raw.duration_ns, raw.caller, raw.flags,
-                 raw.comm.decode(errors="replace"), raw.data.decode(errors="replace"))
+    return decode_bytes(bytes(raw))
 
 
 def _counters(e: Event, memsw: bool) -> dict:
@@ -92,7 +109,7 @@ def _counters(e: Event, memsw: bool) -> dict:
     return d
 
 
-@dataclass
+@dataclass(slots=True)
 class Episode:
     kind: str  # charge | limit_write | page_charge_fail | oom_kill | reclaim
     ts_ns: int
@@ -159,8 +176,14 @@ class EpisodeAssembler:
     def feed(self, e: Event) -> list[Episode]:
         t = e.type
         slots = self._open.get(e.tid)
+        if t in self.STEP_TYPES and slots:
+            # the common case first: a step of the innermost open episode it was tagged with
+            for ep in slots.values():
+                if ep.ts_ns == e.episode:
+                    ep.steps.append(_step(e, self.memsw))
+                    return []
         if t == EV.CHARGE_ENTER:
-            ep = Episode("charge", e.ts, e.pid, e.tid, e.comm, e.cpu, e.cgid,
+            ep = Episode("charge", e.ts, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
                          {"gfp": e.arg0, "nr_pages": e.arg1}, entry=_counters(e, self.memsw))
             self._slots(e.tid)["charge"] = ep
             return []
@@ -168,7 +191,7 @@ class EpisodeAssembler:
             ep = slots.pop("charge", None) if slots else None
             if ep is None:
                 self.orphans += 1
-                ep = Episode("charge", e.ts - e.duration_ns, e.pid, e.tid, e.comm, e.cpu, e.cgid,
+                ep = Episode("charge", e.ts - e.duration_ns, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
                              {"gfp": e.arg0, "nr_pages": e.arg1}, complete=False)
             ep.ret, ep.exit, ep.duration_ns = e.ret, _counters(e, self.memsw), e.duration_ns
             self._gc(e.tid)
@@ -178,9 +201,10 @@ class EpisodeAssembler:
             if kind == "memory.limit_in_bytes" and e.arg2:
                 kind = "memory.memsw.limit_in_bytes"
             args = {"file": kind, "value": e.arg1}
-            if e.data:
-                args["text"] = e.data
-            ep = Episode("limit_write", e.ts, e.pid, e.tid, e.comm, e.cpu, e.cgid, args,
+            text = _text(e.data)
+            if text:
+                args["text"] = text
+            ep = Episode("limit_write", e.ts, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid, args,
                          entry=_counters(e, self.memsw) if e.arg0 == 1 else None)
             self._slots(e.tid)["limit"] = ep
             return []
@@ -188,40 +212,29 @@ class EpisodeAssembler:
             ep = slots.pop("limit", None) if slots else None
             if ep is None:
                 self.orphans += 1
-                ep = Episode("limit_write", e.ts - e.duration_ns, e.pid, e.tid, e.comm, e.cpu, e.cgid,
+                ep = Episode("limit_write", e.ts - e.duration_ns, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
                              {"file": LIMIT_KINDS.get(e.arg0, str(e.arg0)), "value": e.arg1}, complete=False)
             ep.ret, ep.duration_ns = e.ret, e.duration_ns
             ep.exit = _counters(e, self.memsw) if e.flags & 1 else None
             self._gc(e.tid)
             return [ep]
         if t in self.STEP_TYPES:
-            owner = None
-            if slots:
-                # the innermost open episode this step was tagged with
-                for key in ("charge", "limit"):
-                    ep = slots.get(key)
-                    if ep is not None and ep.ts_ns == e.episode:
-                        owner = ep
-                        break
-            if owner is not None:
-                owner.steps.append(_step(e, self.memsw))
-                return []
             if e.episode:
                 self.orphans += 1
             if t == EV.OOM_KILL:
-                return [Episode("oom_kill", e.ts, e.pid, e.tid, e.comm, e.cpu, e.cgid,
+                return [Episode("oom_kill", e.ts, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
                                 {"victim_pid": e.arg0}, ret=0, duration_ns=0)]
             if t == EV.RECLAIM:
-                return [Episode("reclaim", e.ts - e.duration_ns, e.pid, e.tid, e.comm, e.cpu, e.cgid,
+                return [Episode("reclaim", e.ts - e.duration_ns, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
                                 {"caller": CALLERS.get(e.caller, "other"), "nr_pages": e.arg0, "gfp": e.arg1,
                                  "options": e.arg2}, steps=[], ret=e.ret, exit=_counters(e, self.memsw),
                                 duration_ns=e.duration_ns)]
             return []  # a drain or OOM outside any episode: counted in the maps
         if t == EV.PAGE_CHARGE_FAIL:
-            return [Episode("page_charge_fail", e.ts - e.duration_ns, e.pid, e.tid, e.comm, e.cpu, e.cgid,
+            return [Episode("page_charge_fail", e.ts - e.duration_ns, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
                             {"nr_pages": e.arg0, "gfp": e.arg1}, ret=e.ret, duration_ns=e.duration_ns)]
         if t == EV.TP_RECLAIM:
-            return [Episode("reclaim", e.ts - e.duration_ns, e.pid, e.tid, e.comm, e.cpu, e.cgid,
+            return [Episode("reclaim", e.ts - e.duration_ns, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
                             {"caller": "unknown", "gfp": e.arg1, "attribution": "task"},
                             ret=e.ret, exit=_counters(e, self.memsw), duration_ns=e.duration_ns)]
         raise ValueError(f"unknown event type {t}")

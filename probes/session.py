@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from .btf import BTF
 from .bpfsys import try_fentry
 from .detect import Report, detect, kernel_source, tracefs_mounted
-from .episodes import CALLERS, LIMIT_KINDS, EpisodeAssembler, RawEvent, decode
+from .episodes import CALLERS, EVENT_SIZE, LIMIT_KINDS, EpisodeAssembler, decode_bytes
 from .program import Program, ProgramError, ProbeStatus, build_program
 from .sysroot import SysRoot
 
@@ -209,10 +209,8 @@ class Session:
         self._paused = None
 
     def _open_events(self) -> None:
-        def callback(*args):
-            data = args[1]
-            raw = ctypes.cast(data, ctypes.POINTER(RawEvent)).contents
-            self._pending.append(decode(raw))
+        def callback(*args):  # (ctx or cpu, data, size)
+            self._pending.append(decode_bytes(ctypes.string_at(args[1], EVENT_SIZE)))
             return 0
 
         if self.use_perf_buffer:

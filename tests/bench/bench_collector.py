@@ -1,0 +1,214 @@
+"""The collector's costs, on this machine.
+
+    python tests/bench/bench_collector.py [--count N] [--live]
+
+1. Ingest (no root): episodes recorded on the Debian guests
+   (tests/unit/data/recordings) are turned back into the raw ring-buffer
+   events the BPF side sends (struct event_t), then pushed through what the
+   collector does with each: decode, episode assembly, cgroup label, the
+   model cross-check, the counters behind the metrics, and a /metrics
+   render every 10,000 episodes. Prints episodes per second on one core
+   (target ≥ 50,000).
+2. --live (root): `memcgscope run` on this host: time from start to the
+   first successful scrape, resident memory after start, CPU at idle over
+   10 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from memcgscope.collector.crosscheck import CrossChecker
+from memcgscope.collector.daemon import Daemon
+from memcgscope.collector.metrics import MemcgCollector
+from memcgscope.probes.episodes import EV, EpisodeAssembler, RawEvent, decode_bytes
+from memcgscope.probes.session import Aggregates
+
+RECORDINGS = Path(__file__).resolve().parents[1] / "unit" / "data" / "recordings"
+CALLER = {"other": 0, "charge": 1, "v1_limit": 2, "v2_max": 3, "v2_high": 4, "unknown": 5}
+LIMIT_KIND = {"memory.limit_in_bytes": 1, "memory.memsw.limit_in_bytes": 1, "memory.max": 2, "memory.high": 3}
+
+
+def _raw(type_, ep, ts, **fields) -> bytes:
+    r = RawEvent()
+    r.type, r.pid, r.tid, r.cpu, r.ts, r.episode = type_, ep["pid"], ep["tid"], ep["cpu"], ts, ep["ts_ns"]
+    r.comm = ep["comm"].encode()[:15]
+    for k, v in fields.items():
+        if k == "counters":
+            for name, value in (v or {}).items():
+                setattr(r, name, value)
+        elif k == "data":
+            r.data = v.encode()[:23]
+        else:
+            setattr(r, k, v)
+    return bytes(r)
+
+
+def to_raw_events(ep: dict) -> list[bytes]:
+    """The events the BPF side would have sent for this episode."""
+    out, ts = [], ep["ts_ns"]
+    if ep["kind"] == "charge":
+        out.append(_raw(EV.CHARGE_ENTER, ep, ts, cgid=ep["cgroup_id"], arg0=ep["gfp"], arg1=ep["nr_pages"],
+                        counters=ep.get("entry")))
+    elif ep["kind"] == "limit_write":
+        value = ep.get("value", 0)
+        out.append(_raw(EV.LIMIT_ENTER, ep, ts, cgid=ep["cgroup_id"], arg0=LIMIT_KIND.get(ep["file"], 1),
+                        arg1=value, arg2=int("memsw" in ep["file"]), counters=ep.get("entry"),
+                        data=ep.get("text", "")))
+    else:
+        return []
+    for s in ep["steps"]:
+        ts += 1
+        k = s["kind"]
+        if k == "counter_fail":
+            out.append(_raw(EV.COUNTER_FAIL, ep, ts, cgid=s["cgroup_id"], arg0=int(s["counter"] == "memsw"),
+                            arg1=s["nr_pages"], counters=s.get("at")))
+        elif k == "reclaim":
+            out.append(_raw(EV.RECLAIM, ep, ts, cgid=s["cgroup_id"], arg0=s["nr_pages"], arg1=s["gfp"],
+                            arg2=s["options"], ret=s["freed"], caller=CALLER[s["caller"]],
+                            counters=s.get("after")))
+        elif k == "drain":
+            out.append(_raw(EV.DRAIN, ep, ts, cgid=s["cgroup_id"] or 0))
+        elif k == "oom":
+            out.append(_raw(EV.OOM, ep, ts, cgid=s["cgroup_id"], arg0=s["gfp"], arg1=s["order"],
+                            ret=int(s["result"]), counters=s.get("after")))
+        elif k == "oom_kill":
+            out.append(_raw(EV.OOM_KILL, ep, ts, cgid=s["cgroup_id"], arg0=s["victim_pid"]))
+    ts += 1
+    if ep["kind"] == "charge":
+        out.append(_raw(EV.CHARGE_EXIT, ep, ts, cgid=ep["cgroup_id"], arg0=ep["gfp"], arg1=ep["nr_pages"],
+                        ret=ep["ret"], counters=ep.get("exit"), duration_ns=ep.get("duration_ns") or 0))
+    else:
+        out.append(_raw(EV.LIMIT_EXIT, ep, ts, cgid=ep["cgroup_id"], arg0=LIMIT_KIND.get(ep["file"], 1),
+                        arg1=ep.get("value", 0), ret=ep["ret"], counters=ep.get("exit"),
+                        flags=1 if ep.get("exit") else 0))
+    return out
+
+
+class _Resolver:
+    """Every id resolves: the cost of a cached lookup, as for live cgroups."""
+
+    def path(self, cgid):
+        return f"/bench/{cgid}"
+
+    def rescan(self):
+        pass
+
+
+class _Session:
+    mode = "fentry"
+
+    def aggregates(self):
+        return Aggregates({}, [0])
+
+    def status(self):
+        return []
+
+    def lost(self):
+        return [0]
+
+
+def ingest(count: int, short: bool = False) -> dict:
+    results = {}
+    for path in sorted(RECORDINGS.glob("*.jsonl")):
+        lines = path.read_text().splitlines()
+        header = json.loads(lines[0])
+        eps = [json.loads(x) for x in lines[1:]]
+        eps = [e for e in eps if e.get("type") == "episode" and e["kind"] in ("charge", "limit_write")
+               and (not short or len(e["steps"]) <= 6)]
+        streams = [to_raw_events(e) for e in eps]
+        cg = "v1" if header["cgroup"]["v1_memory"] else "v2"
+        daemon = Daemon(_Session(), resolver=_Resolver(), cgroup_version=int(cg[1]), mountpoint="/nonexistent",
+                        checker=CrossChecker(header["kernel"], cg, header["memsw"]), interval=1e9,
+                        max_cgroups=1000)
+        registry = CollectorRegistry()
+        registry.register(MemcgCollector(daemon))
+        assembler = EpisodeAssembler(memsw=header["memsw"])
+        done = 0
+        start = time.process_time()
+        i = 0
+        while done < count:
+            for raw in streams[i % len(streams)]:
+                for ep in assembler.feed(decode_bytes(raw)):
+                    daemon.handle(ep)
+                    done += 1
+                    if done % 10_000 == 0:
+                        generate_latest(registry)
+            i += 1
+            if len(daemon._window) > 100_000:
+                daemon._window.clear()  # the periodic tick empties it in the collector
+        took = time.process_time() - start
+        checks = sum(daemon.counts.checks.values())
+        results[path.stem] = {"episodes": done, "seconds": took, "per_second": done / took, "checks": checks,
+                              "divergences": sum(daemon.counts.divergences.values())}
+    return results
+
+
+def live(seconds_idle: float = 10.0) -> dict:
+    import psutil
+    exe = os.path.join(os.path.dirname(sys.executable), "memcgscope")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    proc = subprocess.Popen([exe, "run", "--listen", f"127.0.0.1:{port}", "--divergence-log", ""],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"memcgscope run exited with {proc.returncode}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.05)
+        first_scrape = time.monotonic() - start
+        p = psutil.Process(proc.pid)
+        rss = p.memory_info().rss
+        t0 = p.cpu_times()
+        time.sleep(seconds_idle)
+        t1 = p.cpu_times()
+        idle_cpu = ((t1.user - t0.user) + (t1.system - t0.system)) / seconds_idle
+        return {"first_scrape_s": first_scrape, "rss_mib": rss / 2**20, "idle_cpu_percent": idle_cpu * 100}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--count", type=int, default=100_000, help="episodes per recording")
+    ap.add_argument("--live", action="store_true", help="also start memcgscope run here (root)")
+    args = ap.parse_args(argv)
+    for short, what in ((False, "as recorded (each v2 recording holds a memory.max OOM loop of ~450 steps)"),
+                        (True, "short episodes only (<= 6 steps: > 95% of what the guests recorded)")):
+        print(f"ingest, decode + assembly + label + cross-check + metrics, one core, {args.count} episodes "
+              f"per recording, {what}:")
+        total_eps = total_s = 0.0
+        for name, r in ingest(args.count, short).items():
+            total_eps += r["episodes"]
+            total_s += r["seconds"]
+            print(f"  {name:<22} {r['per_second']:>10,.0f} episodes/s  ({r['checks']} checks, "
+                  f"{r['divergences']} divergences)")
+        print(f"  {'all':<22} {total_eps / total_s:>10,.0f} episodes/s")
+    if args.live:
+        r = live()
+        print(f"live: first scrape {r['first_scrape_s']:.2f} s after start, RSS {r['rss_mib']:.0f} MiB, "
+              f"idle CPU {r['idle_cpu_percent']:.2f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""bench_collector.py's ingest runs (a tiny count, so the benchmark cannot
+rot) and its raw events replay to the very episodes they came from."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+from memcgscope.probes.episodes import EpisodeAssembler, decode_bytes
+
+pytestmark = pytest.mark.unit
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+
+import bench_collector  # noqa: E402
+
+
+def test_ingest_runs_and_checks_everything():
+    results = bench_collector.ingest(50)
+    assert len(results) >= 6
+    for name, r in results.items():
+        assert r["episodes"] >= 50 and r["checks"] >= r["episodes"] and r["divergences"] == 0, name
+
+
+def test_raw_events_round_trip():
+    path = next(iter(sorted(bench_collector.RECORDINGS.glob("*.jsonl"))))
+    lines = path.read_text().splitlines()
+    memsw = json.loads(lines[0])["memsw"]
+    for line in lines[1:]:
+        ep = json.loads(line)
+        if ep.get("type") != "episode" or ep["kind"] not in ("charge", "limit_write"):
+            continue
+        asm = EpisodeAssembler(memsw=memsw)
+        out = [x for raw in bench_collector.to_raw_events(ep) for x in asm.feed(decode_bytes(raw))]
+        assert len(out) == 1
+        got = out[0].to_json()
+        for key in ("kind", "cgroup_id", "ret", "pid", "comm"):
+            assert got[key] == ep[key]
+        assert [s["kind"] for s in got["steps"]] == [s["kind"] for s in ep["steps"]]
