@@ -114,6 +114,7 @@ class CgroupResolver:
         self.negative_max = negative_max
         self.clock = clock
         self._paths: dict[int, str] = {}
+        self._by_path: dict[str, int] | None = None
         self._negative: OrderedDict[int, float] = OrderedDict()  # id -> expiry
         self._last_scan: float | None = None
         self._lock = threading.Lock()
@@ -148,6 +149,26 @@ class CgroupResolver:
         """Walk now, regardless of the rate limit (e.g. at start-up)."""
         with self._lock:
             self._scan(self.clock())
+
+    def ancestors(self, cgroup_id: int) -> list[int] | None:
+        """Ids of the cgroup's ancestors, parent first, root last; None when
+        the cgroup is unknown. (The cross-check uses it to tell whether a
+        failing counter's cgroup is above the charged one.)"""
+        path = self.path(cgroup_id)
+        if path is None:
+            return None
+        with self._lock:
+            by_path = self._by_path
+            if by_path is None:
+                by_path = self._by_path = {p: i for i, p in self._paths.items()}
+        out = []
+        while path != "/":
+            path = path.rsplit("/", 1)[0] or "/"
+            parent = by_path.get(path)
+            if parent is None:
+                return None  # an ancestor went away mid-walk: unknown
+            out.append(parent)
+        return out
 
     def known(self) -> dict[int, str]:
         """A copy of the current index (id -> path)."""
@@ -189,6 +210,7 @@ class CgroupResolver:
                 log.debug("skipping %s while walking cgroups: %s", directory, e)
                 continue
         self._paths = paths
+        self._by_path = None  # rebuilt on demand by ancestors()
         for ino in paths:
             self._negative.pop(ino, None)
 

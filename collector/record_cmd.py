@@ -50,6 +50,7 @@ def header(session) -> dict:
             "cgroup": {"v1_memory": r.cgroups.v1_memory, "v2_mount": r.cgroups.v2_mount,
                        "v2_memory": r.cgroups.v2_memory, "swap_accounting": r.cgroups.swap_accounting},
             "memsw": session.assembler.memsw, "page_size": os.sysconf("SC_PAGE_SIZE"),
+            "forced_charges": session.forced_charges_visible(),
             "started_unix": time.time(),
             "probes": [{"role": p.role, "target": p.target, "kind": p.kind, "attached": p.attached,
                         "reason": p.reason} for p in session.status()]}

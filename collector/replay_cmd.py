@@ -121,7 +121,7 @@ def _setup(header: dict, profile_arg: str | None, name: str):
     drains_visible = any(p.get("role") == "drain_all_stock" and p.get("attached")
                          and "." not in str(p.get("target", "")) and not p.get("reason")
                          for p in header.get("probes") or ())
-    return profile, cgroup, memsw, drains_visible
+    return profile, cgroup, memsw, drains_visible, bool(header.get("forced_charges"))
 
 
 def run(args) -> int:
@@ -148,7 +148,7 @@ def run(args) -> int:
         return _err(f"{name}: {e.strerror}")
     try:
         header, episodes, warnings = read_recording(text, name)
-        profile, cgroup, memsw, drains_visible = _setup(header, args.profile, name)
+        profile, cgroup, memsw, drains_visible, forced_visible = _setup(header, args.profile, name)
     except BadInput as e:
         return _err(str(e))
     for w in warnings:
@@ -161,7 +161,7 @@ def run(args) -> int:
         except OSError as e:
             return _err(f"--divergences {args.divergences}: {e.strerror}; give a writable path")
 
-    cc = CrossChecker(profile, cgroup, memsw, drains_visible=drains_visible)
+    cc = CrossChecker(profile, cgroup, memsw, drains_visible=drains_visible, forced_charges_visible=forced_visible)
     checks: Counter = Counter()
     reasons: Counter = Counter()
     kinds: Counter = Counter()

@@ -114,7 +114,7 @@ def run(args) -> int:
             profile, warning = profile_for_kernel(kernel)
         if warning:
             print(f"memcgscope run: {warning}", file=sys.stderr)
-        checker, aggregate_checker = _checkers(profile, hierarchy.version, session.assembler.memsw)
+        checker, aggregate_checker = _checkers(profile, hierarchy.version, session, resolver)
         try:
             divergence_log = DivergenceLog(args.divergence_log or None)
         except OSError as e:
@@ -161,11 +161,15 @@ def run(args) -> int:
             signal.signal(s, h)
 
 
-def _checkers(profile: str, version: int, memsw: bool):
-    """The per-episode and aggregate checkers for this kernel's profile."""
+def _checkers(profile: str, version: int, session, resolver):
+    """The per-episode and aggregate checkers for this kernel's profile,
+    told what the attached probes can see."""
     from .crosscheck import AggregateChecker, CrossChecker
-    cgroup = f"v{version}"
-    return CrossChecker(profile, cgroup, memsw), AggregateChecker(profile, cgroup, memsw)
+    cgroup, memsw = f"v{version}", session.assembler.memsw
+    checker = CrossChecker(profile, cgroup, memsw, ancestors=resolver.ancestors,
+                           drains_visible=session.drains_visible(),
+                           forced_charges_visible=session.forced_charges_visible())
+    return checker, AggregateChecker(profile, cgroup, memsw)
 
 
 def _enable_bpf_stats() -> str | None:

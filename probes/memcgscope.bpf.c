@@ -337,8 +337,16 @@ static __always_inline void on_charge_exit(void *ctx, s64 ret) {
         charge_stats.update(&cgid, &zero);
         s = charge_stats.lookup(&cgid);
     }
-    if (ret)
+    if (ret) {
         charge_mark_slow(ctx, c);
+    } else if (!c->charge_emitted && c->pend_n) {
+        // success after a failure at the full size without reclaim: only a
+        // forced charge does that (PF_MEMALLOC; __GFP_ATOMIC up to 6.0;
+        // __GFP_HIGH/NOFAIL from 6.1), and it may leave usage above max
+        u64 asked = c->pend_n > 1 ? c->pend[1].arg1 : c->pend[0].arg1;
+        if (asked == c->charge_nr)
+            charge_mark_slow(ctx, c);
+    }
     if (s) {
         __sync_fetch_and_add(&s->calls, 1);
         __sync_fetch_and_add(&s->pages, c->charge_nr);

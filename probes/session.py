@@ -273,6 +273,18 @@ class Session:
     def status(self) -> list[ProbeStatus]:
         return list(self._probes)
 
+    def forced_charges_visible(self) -> bool:
+        """Forced charges become episodes only when both the charge core and
+        page_counter_try_charge (which reports the failure first) are probed."""
+        attached = {p.role for p in self._probes if p.attached}
+        return {"charge_core", "page_counter_try_charge"} <= attached
+
+    def drains_visible(self) -> bool:
+        """Every drain_all_stock call is seen: the function itself is probed,
+        not only a clone entered past its trylock, and nothing is missed."""
+        return any(p.role == "drain_all_stock" and p.attached and "." not in p.target and not p.reason
+                   for p in self._probes)
+
     def lost(self) -> list[int]:
         if self.bpf is None:
             return []

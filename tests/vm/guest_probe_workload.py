@@ -128,7 +128,9 @@ def main() -> int:
         cgroup = f"v{hierarchy.version}"
         div_path = os.path.join(os.path.dirname(os.path.abspath(out_path)), "divergences.jsonl")
         DAEMON = Daemon(s, resolver=resolver, cgroup_version=hierarchy.version, mountpoint=hierarchy.mountpoint,
-                        checker=CrossChecker(profile, cgroup, s.assembler.memsw),
+                        checker=CrossChecker(profile, cgroup, s.assembler.memsw, ancestors=resolver.ancestors,
+                                             drains_visible=s.drains_visible(),
+                                             forced_charges_visible=s.forced_charges_visible()),
                         aggregate_checker=AggregateChecker(profile, cgroup, s.assembler.memsw),
                         divergence_log=DivergenceLog(div_path), interval=1e9, profile=profile,
                         kernel=s.report.kernel)
