@@ -59,7 +59,7 @@ class Aggregates:
 class Session:
     def __init__(self, mode: str | None = None, *, sysroot: SysRoot | None = None,
                  report: Report | None = None, max_cgroups: int = 4096, ringbuf_pages: int = 256,
-                 use_perf_buffer: bool = False, on_episode=None, memcg_state: bool = False):
+                 use_perf_buffer: bool | None = None, on_episode=None, memcg_state: bool = False):
         self.requested_mode = mode
         self.sysroot = sysroot or SysRoot("/")
         self.report = report
@@ -110,6 +110,10 @@ class Session:
             btf = BTF.from_file(self.sysroot.path("/sys/kernel/btf/vmlinux"))
         except Exception as e:
             raise SessionError(f"{e}") from e
+
+        if self.use_perf_buffer is None:
+            # BPF ring buffers arrived in 5.8; older kernels get the perf buffer
+            self.use_perf_buffer = btf.func_id("bpf_ringbuf_output") is None
 
         def fentry_check(btf_id):
             r = try_fentry(btf_id)
