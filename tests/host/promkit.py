@@ -7,8 +7,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -61,13 +64,14 @@ def write_tls_web_config(workdir: Path, user: str = USER, password: str = PASSWO
 
 
 @contextlib.contextmanager
-def run_prometheus(workdir: Path, jobs: list[dict]):
+def run_prometheus(workdir: Path, jobs: list[dict], rule_files: list[str] | None = None):
     """Our own Prometheus on 127.0.0.1 with a temporary TSDB, scraping
-    `jobs`; yields (base URL, process, log path); stopped by its PID."""
+    `jobs` (and evaluating `rule_files`); yields (base URL, process, log
+    path); stopped by its PID."""
     port = free_port()
     config = workdir / "prometheus.yml"
     config.write_text(json.dumps({"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                                  "scrape_configs": jobs}))  # JSON is YAML
+                                  "rule_files": rule_files or [], "scrape_configs": jobs}))  # JSON is YAML
     check = subprocess.run([PROMTOOL, "check", "config", str(config)], capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
     log = open(workdir / "prometheus.log", "wb")
@@ -118,3 +122,48 @@ def wait_for(what: str, proc, logfile: Path, check):
                 f"prometheus log: {logfile.read_text()[-2000:]}")
 
 
+
+
+MEMCGSCOPE = os.path.join(os.path.dirname(sys.executable), "memcgscope")
+
+
+def bpf_prog_ids() -> set[int]:
+    """Ids of the BPF programs loaded now (bpftool)."""
+    out = subprocess.run(["bpftool", "-j", "prog", "list"], capture_output=True, text=True, check=True).stdout
+    return {p["id"] for p in json.loads(out)}
+
+
+@contextlib.contextmanager
+def run_collector(workdir: Path, *args: str):
+    """`memcgscope run` on a free loopback port with `args`; yields (process,
+    port, stderr path) once it serves. On the way out: SIGTERM, and the
+    checks every exit must pass: status 0 within 2 s and none of its BPF
+    programs left loaded."""
+    port = free_port()
+    stderr_path = workdir / "run.stderr"
+    before = bpf_prog_ids()
+    with open(stderr_path, "w") as stderr:
+        proc = subprocess.Popen([MEMCGSCOPE, "run", "--listen", f"127.0.0.1:{port}", "--interval", "1", *args],
+                                stdout=subprocess.DEVNULL, stderr=stderr, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while "serving" not in stderr_path.read_text():
+            assert proc.poll() is None, stderr_path.read_text()
+            assert time.monotonic() < deadline, "memcgscope run did not start serving in 60 s"
+            time.sleep(0.2)
+        yield proc, port, stderr_path
+    finally:
+        took = 0.0
+        if proc.poll() is None:
+            start = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=15)
+                pytest.fail(f"memcgscope run ignored SIGTERM: {stderr_path.read_text()[-2000:]}")
+            took = time.monotonic() - start
+        assert proc.returncode == 0, stderr_path.read_text()[-2000:]
+        assert took < 2.0, f"SIGTERM to exit took {took:.2f}s"
+        assert bpf_prog_ids() - before == set()

@@ -7,14 +7,11 @@ variables substituted, evaluated through Prometheus's HTTP API."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -27,13 +24,12 @@ import yaml
 
 from memcgscope.collector.scratch import ScratchCgroup
 from memcgscope.probes.sysroot import SysRoot
-from promkit import PROMETHEUS, PROMTOOL, api, free_port, query, wait_for
+from promkit import api, query, run_collector, run_prometheus, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "grafana" / "dashboards" / "memcgscope.json"
 RULES = ROOT / "grafana" / "prometheus" / "rules.yml"
 SCRAPE = ROOT / "grafana" / "prometheus" / "scrape.yml"
-MEMCGSCOPE = os.path.join(os.path.dirname(sys.executable), "memcgscope")
 
 # Panels whose every query must return series on this host: what tracepoint
 # mode sees (memcg reclaims, memcg:* tracepoints on 6.13+), cgroupfs of the
@@ -54,56 +50,9 @@ def workdir():
 
 @pytest.fixture
 def collector(workdir):
-    """`memcgscope run` on a free loopback port; yields the port; SIGTERM after."""
-    port = free_port()
-    stderr_path = workdir / "run.stderr"
-    with open(stderr_path, "w") as stderr:
-        proc = subprocess.Popen([MEMCGSCOPE, "run", "--listen", f"127.0.0.1:{port}", "--interval", "1",
-                                 "--divergence-log", ""],
-                                stdout=subprocess.DEVNULL, stderr=stderr, stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while "serving" not in stderr_path.read_text():
-            assert proc.poll() is None, stderr_path.read_text()
-            assert time.monotonic() < deadline, "memcgscope run did not start serving in 60 s"
-            time.sleep(0.2)
+    """`memcgscope run` on a free loopback port; yields the port."""
+    with run_collector(workdir, "--divergence-log", "") as (proc, port, stderr):
         yield port
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=15)
-                pytest.fail(f"memcgscope run ignored SIGTERM: {stderr_path.read_text()[-2000:]}")
-        assert proc.returncode == 0, stderr_path.read_text()[-2000:]
-
-
-@contextlib.contextmanager
-def prometheus_with_rules(workdir: Path, jobs: list[dict], rule_files: list[str]):
-    """promkit.run_prometheus plus rule_files (it has no parameter for them):
-    our own Prometheus on loopback with a temporary TSDB, stopped by PID."""
-    port = free_port()
-    config = workdir / "prometheus.yml"
-    config.write_text(json.dumps({"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                                  "rule_files": rule_files, "scrape_configs": jobs}))
-    check = subprocess.run([PROMTOOL, "check", "config", str(config)], capture_output=True, text=True, timeout=60)
-    assert check.returncode == 0, check.stdout + check.stderr
-    logfile = workdir / "prometheus.log"
-    with open(logfile, "wb") as log:
-        proc = subprocess.Popen([PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-                                 f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        yield f"http://127.0.0.1:{port}", proc, logfile
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
 
 
 def panel_queries(dashboard: dict):
@@ -149,7 +98,7 @@ def test_every_panel_query_evaluates(workdir, collector):
     assert NON_EMPTY <= {title for title, _, _ in queries}, "a panel this test expects data from was renamed"
     target_file = f"/var/tmp/memcgscope-grafana-host-{os.getpid()}.bin"
 
-    with prometheus_with_rules(workdir, [job], [str(RULES)]) as (base, prom, log):
+    with run_prometheus(workdir, [job], [str(RULES)]) as (base, prom, log):
         try:
             with ScratchCgroup("grafana", "32M") as cg:
                 # 64 MiB of page cache through a 32 MiB limit: memcg reclaim

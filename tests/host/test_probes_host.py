@@ -19,15 +19,11 @@ from memcgscope.collector.scratch import ScratchCgroup
 from memcgscope.probes.detect import tracefs_mounted
 from memcgscope.probes.session import Session, SessionError
 from memcgscope.probes.sysroot import SysRoot
+from promkit import bpf_prog_ids
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MEMCGSCOPE = os.path.join(os.path.dirname(sys.executable), "memcgscope")
 PAGE_COUNTER_MAX = (2**63 - 1) // PAGE
-
-
-def bpf_prog_ids() -> set[int]:
-    out = subprocess.run(["bpftool", "-j", "prog", "list"], capture_output=True, text=True, check=True).stdout
-    return {p["id"] for p in json.loads(out)}
 
 
 @pytest.fixture
