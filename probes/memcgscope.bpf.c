@@ -192,14 +192,10 @@ static __always_inline u32 log2l(u64 v) {
 
 static __always_inline void hist_add(void *map_ptr, u64 cgid, u32 caller, u64 ns, int which) {
     struct hist_key k = {.cgid = cgid, .caller = caller, .slot = log2l(ns)};
-    u64 one = 1, *v;
-    if (which == 0) {
-        v = charge_lat.lookup(&k);
-        if (v) __sync_fetch_and_add(v, 1); else charge_lat.update(&k, &one);
-    } else {
-        v = reclaim_lat.lookup(&k);
-        if (v) __sync_fetch_and_add(v, 1); else reclaim_lat.update(&k, &one);
-    }
+    u64 zero = 0, *v = which == 0 ? charge_lat.lookup_or_try_init(&k, &zero)
+                                   : reclaim_lat.lookup_or_try_init(&k, &zero);
+    if (v)
+        __sync_fetch_and_add(v, 1);
 }
 
 static __always_inline struct event_t *new_event(u32 type) {
@@ -295,6 +291,30 @@ static __always_inline void charge_mark_slow(void *ctx, struct task_ctx *c) {
     c->pend_n = 0;
 }
 
+static __always_inline void charge_account(struct charge_stat *s, u64 pages, u64 ns, s64 ret, int slow) {
+    if (!s)
+        return;
+    __sync_fetch_and_add(&s->calls, 1);
+    __sync_fetch_and_add(&s->pages, pages);
+    __sync_fetch_and_add(&s->ns, ns);
+    if (slow) __sync_fetch_and_add(&s->slow, 1);
+    if (ret == -12) __sync_fetch_and_add(&s->fail_enomem, 1);
+    else if (ret == -4) __sync_fetch_and_add(&s->fail_eintr, 1);
+    else if (ret) __sync_fetch_and_add(&s->fail_other, 1);
+}
+
+static __always_inline void reclaim_account(u64 cgid, u32 caller, u64 asked, u64 freed, u64 ns) {
+    struct reclaim_key k = {.cgid = cgid, .caller = caller};
+    struct reclaim_stat zero = {}, *s = reclaim_stats.lookup_or_try_init(&k, &zero);
+    if (s) {
+        __sync_fetch_and_add(&s->calls, 1);
+        __sync_fetch_and_add(&s->asked, asked);
+        __sync_fetch_and_add(&s->freed, freed);
+        __sync_fetch_and_add(&s->ns, ns);
+    }
+    hist_add(0, cgid, caller, ns, 1);
+}
+
 // ---- the charge core: try_charge_memcg (try_charge on 5.10) ----
 
 static __always_inline void on_charge_enter(void *ctx, u64 memcg, u32 gfp, u32 nr) {
@@ -332,11 +352,7 @@ static __always_inline void on_charge_exit(void *ctx, s64 ret) {
     u64 now = bpf_ktime_get_ns();
     u64 ns = now - c->charge_start;
     u64 cgid = c->charge_cgid;
-    struct charge_stat zero = {}, *s = charge_stats.lookup(&cgid);
-    if (!s) {
-        charge_stats.update(&cgid, &zero);
-        s = charge_stats.lookup(&cgid);
-    }
+    struct charge_stat zero = {}, *s = charge_stats.lookup_or_try_init(&cgid, &zero);
     if (ret) {
         charge_mark_slow(ctx, c);
     } else if (!c->charge_emitted && c->pend_n) {
@@ -347,15 +363,7 @@ static __always_inline void on_charge_exit(void *ctx, s64 ret) {
         if (asked == c->charge_nr)
             charge_mark_slow(ctx, c);
     }
-    if (s) {
-        __sync_fetch_and_add(&s->calls, 1);
-        __sync_fetch_and_add(&s->pages, c->charge_nr);
-        __sync_fetch_and_add(&s->ns, ns);
-        if (c->charge_emitted) __sync_fetch_and_add(&s->slow, 1);
-        if (ret == -12) __sync_fetch_and_add(&s->fail_enomem, 1);
-        else if (ret == -4) __sync_fetch_and_add(&s->fail_eintr, 1);
-        else if (ret) __sync_fetch_and_add(&s->fail_other, 1);
-    }
+    charge_account(s, c->charge_nr, ns, ret, c->charge_emitted);
     hist_add(0, cgid, 0, ns, 0);
     if (c->page_active && !c->data[0]) {
         // the page charge's memcg and size, for its own stats
@@ -413,8 +421,8 @@ static __always_inline void on_pc_try_charge_exit(void *ctx, u64 ok) {
     e->arg1 = c->pc_nr;
     memcg_counters(memcg, e);
     struct fail_key k = {.cgid = e->cgid, .counter = which};
-    u64 one = 1, *v = counter_fails.lookup(&k);
-    if (v) __sync_fetch_and_add(v, 1); else counter_fails.update(&k, &one);
+    u64 zero = 0, *v = counter_fails.lookup_or_try_init(&k, &zero);
+    if (v) __sync_fetch_and_add(v, 1);
     if (c->charge_emitted) {
         emit(ctx, e);
         return;
@@ -468,19 +476,7 @@ static __always_inline void on_reclaim_exit(void *ctx, u64 freed) {
         memcg_counters(c->reclaim_memcg, e);
         emit(ctx, e);
     }
-    struct reclaim_key k = {.cgid = cgid, .caller = caller};
-    struct reclaim_stat zero = {}, *s = reclaim_stats.lookup(&k);
-    if (!s) {
-        reclaim_stats.update(&k, &zero);
-        s = reclaim_stats.lookup(&k);
-    }
-    if (s) {
-        __sync_fetch_and_add(&s->calls, 1);
-        __sync_fetch_and_add(&s->asked, c->reclaim_nr);
-        __sync_fetch_and_add(&s->freed, freed);
-        __sync_fetch_and_add(&s->ns, ns);
-    }
-    hist_add(0, cgid, caller, ns, 1);
+    reclaim_account(cgid, caller, c->reclaim_nr, freed, ns);
     c->reclaim_start = 0;
     maybe_free_ctx(tid, c);
 }
@@ -531,11 +527,7 @@ static __always_inline void on_oom_exit(void *ctx, u64 ret) {
         memcg_counters(c->oom_memcg, e);
         emit(ctx, e);
     }
-    struct oom_stat zero = {}, *s = oom_stats.lookup(&cgid);
-    if (!s) {
-        oom_stats.update(&cgid, &zero);
-        s = oom_stats.lookup(&cgid);
-    }
+    struct oom_stat zero = {}, *s = oom_stats.lookup_or_try_init(&cgid, &zero);
     if (s) {
         __sync_fetch_and_add(&s->invocations, 1);
         if (ret & 0xff) __sync_fetch_and_add(&s->returned_true, 1);
@@ -559,11 +551,7 @@ static __always_inline void on_mark_victim(void *ctx, u32 victim_pid) {
     e->flags = (c && c->oom_start) ? 1 : 0;
     u64 cgid = e->cgid;
     emit(ctx, e);
-    struct oom_stat zero = {}, *s = oom_stats.lookup(&cgid);
-    if (!s) {
-        oom_stats.update(&cgid, &zero);
-        s = oom_stats.lookup(&cgid);
-    }
+    struct oom_stat zero = {}, *s = oom_stats.lookup_or_try_init(&cgid, &zero);
     if (s)
         __sync_fetch_and_add(&s->kills, 1);
 }
@@ -620,8 +608,8 @@ static __always_inline void on_limit_exit(void *ctx, s64 ret) {
     }
     // v2 writes return the byte count on success: count them as 0
     struct limit_key k = {.cgid = cgid, .kind = c->limit_kind, .ret = ret > 0 ? 0 : (s32)ret};
-    u64 one = 1, *v = limit_stats.lookup(&k);
-    if (v) __sync_fetch_and_add(v, 1); else limit_stats.update(&k, &one);
+    u64 zero = 0, *v = limit_stats.lookup_or_try_init(&k, &zero);
+    if (v) __sync_fetch_and_add(v, 1);
     c->limit_start = 0;
     c->limit_memcg = 0;
     maybe_free_ctx(tid, c);
@@ -655,19 +643,8 @@ static __always_inline void on_page_charge_exit(void *ctx, s64 ret) {
     u64 cgid = c->data[0];
     u64 pages = c->data[1];
     u64 ns = bpf_ktime_get_ns() - c->page_start;
-    struct charge_stat zero = {}, *s = page_charge_stats.lookup(&cgid);
-    if (!s) {
-        page_charge_stats.update(&cgid, &zero);
-        s = page_charge_stats.lookup(&cgid);
-    }
-    if (s) {
-        __sync_fetch_and_add(&s->calls, 1);
-        __sync_fetch_and_add(&s->pages, pages);
-        __sync_fetch_and_add(&s->ns, ns);
-        if (ret == -12) __sync_fetch_and_add(&s->fail_enomem, 1);
-        else if (ret == -4) __sync_fetch_and_add(&s->fail_eintr, 1);
-        else if (ret) __sync_fetch_and_add(&s->fail_other, 1);
-    }
+    struct charge_stat zero = {}, *s = page_charge_stats.lookup_or_try_init(&cgid, &zero);
+    charge_account(s, pages, ns, ret, 0);
     if (ret) {
         struct event_t *e = new_event(EV_PAGE_CHARGE_FAIL);
         if (e) {
@@ -711,32 +688,15 @@ static __always_inline void on_tp_reclaim_end(void *ctx, u64 freed) {
         memcg_counters(c->reclaim_memcg, e);
         emit(ctx, e);
     }
-    struct reclaim_key k = {.cgid = cgid, .caller = CALLER_UNKNOWN};
-    struct reclaim_stat zero = {}, *s = reclaim_stats.lookup(&k);
-    if (!s) {
-        reclaim_stats.update(&k, &zero);
-        s = reclaim_stats.lookup(&k);
-    }
-    if (s) {
-        __sync_fetch_and_add(&s->calls, 1);
-        __sync_fetch_and_add(&s->freed, freed);
-        __sync_fetch_and_add(&s->ns, ns);
-    }
-    hist_add(0, cgid, CALLER_UNKNOWN, ns, 1);
+    reclaim_account(cgid, CALLER_UNKNOWN, 0, freed, ns);
     c->reclaim_start = 0;
     maybe_free_ctx(tid, c);
 }
 
 static __always_inline void item_add(int state, u64 cgid, u32 item, s64 val) {
     struct item_key k = {.cgid = cgid, .item = item};
-    struct item_val zero = {}, *v;
-    if (state) {
-        v = memcg_state.lookup(&k);
-        if (!v) { memcg_state.update(&k, &zero); v = memcg_state.lookup(&k); }
-    } else {
-        v = memcg_events.lookup(&k);
-        if (!v) { memcg_events.update(&k, &zero); v = memcg_events.lookup(&k); }
-    }
+    struct item_val zero = {}, *v = state ? memcg_state.lookup_or_try_init(&k, &zero)
+                                          : memcg_events.lookup_or_try_init(&k, &zero);
     if (v) {
         __sync_fetch_and_add(&v->count, 1);
         __sync_fetch_and_add(&v->sum, val);
