@@ -80,12 +80,14 @@ def test_tracepoint_mode_on_the_host():
     prog = build_program(report("host-6.18-v1"), "tracepoint", FakeBTF())
     assert prog.kprobes == []
     assert "TRACEPOINT_PROBE(vmscan, mm_vmscan_memcg_reclaim_end)" in prog.text
-    assert "TRACEPOINT_PROBE(memcg, count_memcg_events)" in prog.text
-    assert "if (args->item == HOT_EVENT_ITEM) return 0;" in prog.text
+    assert "RAW_TRACEPOINT_PROBE(count_memcg_events)" in prog.text
+    assert "if (item == HOT_EVENT_ITEM || item == HOT_EVENT_ITEM2) return 0;" in prog.text
+    assert "-DHOT_EVENT_ITEM=4" in prog.cflags
     off = {p.target: p.reason for p in prog.probes if not p.attached}
     assert "--memcg-state" in off["memcg:mod_memcg_lruvec_state"]
     with_state = build_program(report("host-6.18-v1"), "tracepoint", FakeBTF(), memcg_state=True)
-    assert "TRACEPOINT_PROBE(memcg, mod_memcg_lruvec_state)" in with_state.text
+    assert "RAW_TRACEPOINT_PROBE(mod_memcg_lruvec_state)" in with_state.text
+    assert "-DHOT_EVENT_ITEM=-1" in with_state.cflags  # everything counted
     assert "KFUNC_PROBE" not in prog.text.split("wrappers for mode")[1]
 
 
