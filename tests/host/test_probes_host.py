@@ -19,7 +19,7 @@ from memcgscope.collector.scratch import ScratchCgroup
 from memcgscope.probes.detect import tracefs_mounted
 from memcgscope.probes.session import Session, SessionError
 from memcgscope.probes.sysroot import SysRoot
-from promkit import bpf_prog_ids
+from promkit import bpf_prog_ids, new_programs_after_grace
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MEMCGSCOPE = os.path.join(os.path.dirname(sys.executable), "memcgscope")
@@ -112,7 +112,7 @@ def test_session_detaches_on_exception():
         with Session("tracepoint"):
             assert bpf_prog_ids() - before, "programs should be loaded while the session is open"
             raise RuntimeError("boom")
-    assert bpf_prog_ids() - before == set()
+    assert new_programs_after_grace(before) == set()
 
 
 def test_unusable_mode_is_a_one_line_error():
@@ -152,7 +152,7 @@ def test_record_writes_episodes_and_detaches_on_signal(tmp_path, sig):
     eps = [ln for ln in lines if ln["type"] == "episode"]
     assert lines[-1]["episodes"] == len(eps)
     assert any(e["kind"] == "reclaim" and e["cgroup_id"] == cg.inode for e in eps)
-    assert bpf_prog_ids() - before == set()
+    assert new_programs_after_grace(before) == set()
 
 
 def test_perf_buffer_path_delivers_the_same_episodes(tmp_path):
