@@ -105,7 +105,10 @@ struct task_ctx {
     struct event_t pend[2];
 };
 
+// per-CPU, keyed by the memcg's address: a charge's fast path then costs
+// no atomics and no pointer chase; cgid is filled once, on first use
 struct charge_stat {
+    u64 cgid;
     u64 calls;
     u64 pages;
     u64 slow;
@@ -115,6 +118,26 @@ struct charge_stat {
     u64 ns;
 };
 struct hist_key { u64 cgid; u32 caller; u32 slot; };
+struct lat_key { u64 memcg; u32 slot; u32 pad; };
+
+// The charge (and page charge) open on this CPU, while it is a fast path.
+// Most charges start and end here without touching the per-task map; a
+// charge moves to `tasks` (promote) the moment it reaches
+// page_counter_try_charge or anything slower, because from there it may
+// sleep and migrate.
+struct fast_ctx {
+    u32 tid;
+    u32 depth;
+    u32 gfp;
+    u32 nr;
+    u64 start;
+    u64 memcg;
+    u32 page_tid;
+    u32 page_gfp;
+    u64 page_start;
+    u64 last_memcg;   // the charge that completed inside the page charge
+    u64 last_nr;
+};
 struct reclaim_key { u64 cgid; u32 caller; u32 pad; };
 struct reclaim_stat { u64 calls; u64 asked; u64 freed; u64 ns; };
 struct limit_key { u64 cgid; u32 kind; s32 ret; };
@@ -124,9 +147,12 @@ struct item_key { u64 cgid; u32 item; u32 pad; };
 struct item_val { u64 count; s64 sum; };
 
 BPF_HASH(tasks, u32, struct task_ctx, 16384);
-BPF_HASH(charge_stats, u64, struct charge_stat, MAX_CGROUPS);
-BPF_HASH(charge_lat, struct hist_key, u64, MAX_CGROUPS * 8);
-BPF_HASH(page_charge_stats, u64, struct charge_stat, MAX_CGROUPS);
+BPF_PERCPU_HASH(charge_stats, u64, struct charge_stat, MAX_CGROUPS);
+BPF_PERCPU_HASH(charge_lat, struct lat_key, u64, MAX_CGROUPS * 8);
+BPF_PERCPU_HASH(page_charge_stats, u64, struct charge_stat, MAX_CGROUPS);
+BPF_PERCPU_ARRAY(fast, struct fast_ctx, 1);
+// charges whose fast context another task overwrote (preempted mid-charge)
+BPF_PERCPU_ARRAY(ctx_lost, u64, 1);
 BPF_HASH(reclaim_stats, struct reclaim_key, struct reclaim_stat, MAX_CGROUPS);
 BPF_HASH(reclaim_lat, struct hist_key, u64, MAX_CGROUPS * 8);
 BPF_HASH(limit_stats, struct limit_key, u64, MAX_CGROUPS);
@@ -190,10 +216,9 @@ static __always_inline u32 log2l(u64 v) {
     return r < HIST_SLOTS ? r : HIST_SLOTS - 1;
 }
 
-static __always_inline void hist_add(void *map_ptr, u64 cgid, u32 caller, u64 ns, int which) {
+static __always_inline void reclaim_hist_add(u64 cgid, u32 caller, u64 ns) {
     struct hist_key k = {.cgid = cgid, .caller = caller, .slot = log2l(ns)};
-    u64 zero = 0, *v = which == 0 ? charge_lat.lookup_or_try_init(&k, &zero)
-                                   : reclaim_lat.lookup_or_try_init(&k, &zero);
+    u64 zero = 0, *v = reclaim_lat.lookup_or_try_init(&k, &zero);
     if (v)
         __sync_fetch_and_add(v, 1);
 }
@@ -291,16 +316,74 @@ static __always_inline void charge_mark_slow(void *ctx, struct task_ctx *c) {
     c->pend_n = 0;
 }
 
-static __always_inline void charge_account(struct charge_stat *s, u64 pages, u64 ns, s64 ret, int slow) {
+static __always_inline struct fast_ctx *fast_slot(void) {
+    u32 zero = 0;
+    return fast.lookup(&zero);
+}
+
+// per-CPU values: plain increments
+static __always_inline void charge_account(int page, u64 memcg, u64 pages, u64 ns, s64 ret, int slow) {
+    struct charge_stat zero = {};
+    struct charge_stat *s = page ? page_charge_stats.lookup_or_try_init(&memcg, &zero)
+                                 : charge_stats.lookup_or_try_init(&memcg, &zero);
     if (!s)
         return;
-    __sync_fetch_and_add(&s->calls, 1);
-    __sync_fetch_and_add(&s->pages, pages);
-    __sync_fetch_and_add(&s->ns, ns);
-    if (slow) __sync_fetch_and_add(&s->slow, 1);
-    if (ret == -12) __sync_fetch_and_add(&s->fail_enomem, 1);
-    else if (ret == -4) __sync_fetch_and_add(&s->fail_eintr, 1);
-    else if (ret) __sync_fetch_and_add(&s->fail_other, 1);
+    if (!s->cgid && memcg)
+        s->cgid = memcg_cgid(memcg);
+    s->calls++;
+    s->pages += pages;
+    s->ns += ns;
+    if (slow) s->slow++;
+    if (ret == -12) s->fail_enomem++;
+    else if (ret == -4) s->fail_eintr++;
+    else if (ret) s->fail_other++;
+    if (!page) {
+        struct lat_key k = {.memcg = memcg, .slot = log2l(ns)};
+        u64 z = 0, *v = charge_lat.lookup_or_try_init(&k, &z);
+        if (v) (*v)++;
+    }
+}
+
+// Moves this task's fast charge (and page charge) on this CPU to its
+// per-task context; returns that context (created when `create`).
+static __always_inline struct task_ctx *promote(u32 tid, int create) {
+    struct fast_ctx *f = fast_slot();
+    int moving = f && ((f->tid == tid && f->depth) || f->page_tid == tid);
+    struct task_ctx *c = get_ctx(tid, create || moving);
+    if (!c || !f || !moving)
+        return c;
+    if (f->tid == tid && f->depth) {
+        if (c->charge_depth) {
+            c->charge_depth += f->depth;
+        } else {
+            c->charge_depth = f->depth;
+            c->charge_start = f->start;
+            c->charge_memcg = f->memcg;
+            c->charge_cgid = memcg_cgid(f->memcg);
+            c->charge_gfp = f->gfp;
+            c->charge_nr = f->nr;
+            c->charge_emitted = 0;
+            c->pend_n = 0;
+            // read before the first counter attempt: the state at entry
+            struct event_t tmp = {};
+            memcg_counters(f->memcg, &tmp);
+            c->charge_usage = tmp.usage;
+            c->charge_max = tmp.max;
+            c->charge_memsw_usage = tmp.memsw_usage;
+            c->charge_memsw_max = tmp.memsw_max;
+        }
+        f->tid = 0;
+        f->depth = 0;
+    }
+    if (f->page_tid == tid) {
+        c->page_active = 1;
+        c->page_start = f->page_start;
+        c->page_gfp = f->page_gfp;
+        c->data[0] = 0;
+        c->data[1] = 0;
+        f->page_tid = 0;
+    }
+    return c;
 }
 
 static __always_inline void reclaim_account(u64 cgid, u32 caller, u64 asked, u64 freed, u64 ns) {
@@ -312,35 +395,57 @@ static __always_inline void reclaim_account(u64 cgid, u32 caller, u64 asked, u64
         __sync_fetch_and_add(&s->freed, freed);
         __sync_fetch_and_add(&s->ns, ns);
     }
-    hist_add(0, cgid, caller, ns, 1);
+    reclaim_hist_add(cgid, caller, ns);
 }
 
 // ---- the charge core: try_charge_memcg (try_charge on 5.10) ----
 
 static __always_inline void on_charge_enter(void *ctx, u64 memcg, u32 gfp, u32 nr) {
     u32 tid = current_tid();
-    struct task_ctx *c = get_ctx(tid, 1);
-    if (!c)
+    struct task_ctx *c = tasks.lookup(&tid);
+    if (c && c->charge_depth) {
+        c->charge_depth++;  // nested in a slow charge (reclaim allocating): counted in the outer one
         return;
-    if (c->charge_depth++)
-        return;  // a charge nested inside a charge (reclaim allocating): counted in the outer one
-    c->charge_start = bpf_ktime_get_ns();
-    c->charge_memcg = memcg;
-    c->charge_cgid = memcg_cgid(memcg);
-    c->charge_gfp = gfp;
-    c->charge_nr = nr;
-    c->charge_emitted = 0;
-    c->pend_n = 0;
-    struct event_t tmp = {};
-    memcg_counters(memcg, &tmp);
-    c->charge_usage = tmp.usage;
-    c->charge_max = tmp.max;
-    c->charge_memsw_usage = tmp.memsw_usage;
-    c->charge_memsw_max = tmp.memsw_max;
+    }
+    struct fast_ctx *f = fast_slot();
+    if (!f)
+        return;
+    if (f->depth && f->tid == tid) {
+        f->depth++;  // nested on this CPU (an interrupt's charge): counted in the outer one
+        return;
+    }
+    if (f->depth) {
+        u32 zero = 0;
+        u64 *n = ctx_lost.lookup(&zero);
+        if (n) (*n)++;
+    }
+    f->tid = tid;
+    f->depth = 1;
+    f->start = bpf_ktime_get_ns();
+    f->memcg = memcg;
+    f->gfp = gfp;
+    f->nr = nr;
 }
 
 static __always_inline void on_charge_exit(void *ctx, s64 ret) {
     u32 tid = current_tid();
+    struct fast_ctx *f = fast_slot();
+    if (f && f->depth && f->tid == tid) {
+        if (f->depth > 1) {
+            f->depth--;
+            return;
+        }
+        if (!ret) {
+            // the fast path: a stock hit or a counter charge that fit
+            charge_account(0, f->memcg, f->nr, bpf_ktime_get_ns() - f->start, 0, 0);
+            f->last_memcg = f->memcg;
+            f->last_nr = f->nr;
+            f->depth = 0;
+            f->tid = 0;
+            return;
+        }
+        promote(tid, 1);  // an error is always an episode
+    }
     struct task_ctx *c = get_ctx(tid, 0);
     if (!c || !c->charge_depth)
         return;
@@ -349,10 +454,8 @@ static __always_inline void on_charge_exit(void *ctx, s64 ret) {
         return;
     }
     // depth stays 1 until the end: charge_mark_slow needs an open charge
-    u64 now = bpf_ktime_get_ns();
-    u64 ns = now - c->charge_start;
+    u64 ns = bpf_ktime_get_ns() - c->charge_start;
     u64 cgid = c->charge_cgid;
-    struct charge_stat zero = {}, *s = charge_stats.lookup_or_try_init(&cgid, &zero);
     if (ret) {
         charge_mark_slow(ctx, c);
     } else if (!c->charge_emitted && c->pend_n) {
@@ -363,11 +466,10 @@ static __always_inline void on_charge_exit(void *ctx, s64 ret) {
         if (asked == c->charge_nr)
             charge_mark_slow(ctx, c);
     }
-    charge_account(s, c->charge_nr, ns, ret, c->charge_emitted);
-    hist_add(0, cgid, 0, ns, 0);
+    charge_account(0, c->charge_memcg, c->charge_nr, ns, ret, c->charge_emitted);
     if (c->page_active && !c->data[0]) {
         // the page charge's memcg and size, for its own stats
-        c->data[0] = cgid;
+        c->data[0] = c->charge_memcg;
         c->data[1] = c->charge_nr;
     }
     if (c->charge_emitted) {
@@ -392,7 +494,7 @@ static __always_inline void on_charge_exit(void *ctx, s64 ret) {
 // ---- page_counter_try_charge: which level failed (inside a charge) ----
 
 static __always_inline void on_pc_try_charge_enter(void *ctx, u64 counter, u64 nr, u64 fail_slot) {
-    struct task_ctx *c = get_ctx(current_tid(), 0);
+    struct task_ctx *c = promote(current_tid(), 0);
     if (!c || !c->charge_depth)
         return;
     c->pc_counter = counter;
@@ -442,7 +544,7 @@ static __always_inline void on_pc_try_charge_exit(void *ctx, u64 ok) {
 // ---- try_to_free_mem_cgroup_pages ----
 
 static __always_inline void on_reclaim_enter(void *ctx, u64 memcg, u64 nr, u32 gfp, u32 opts) {
-    struct task_ctx *c = get_ctx(current_tid(), 1);
+    struct task_ctx *c = promote(current_tid(), 1);
     if (!c)
         return;
     charge_mark_slow(ctx, c);
@@ -484,7 +586,7 @@ static __always_inline void on_reclaim_exit(void *ctx, u64 freed) {
 // ---- drain_all_stock ----
 
 static __always_inline void on_drain(void *ctx, u64 memcg, int args_valid) {
-    struct task_ctx *c = get_ctx(current_tid(), 0);
+    struct task_ctx *c = promote(current_tid(), 0);
     if (c)
         charge_mark_slow(ctx, c);
     struct event_t *e = new_event(EV_DRAIN);
@@ -499,7 +601,7 @@ static __always_inline void on_drain(void *ctx, u64 memcg, int args_valid) {
 // ---- mem_cgroup_out_of_memory ----
 
 static __always_inline void on_oom_enter(void *ctx, u64 memcg, u32 gfp, u32 order) {
-    struct task_ctx *c = get_ctx(current_tid(), 1);
+    struct task_ctx *c = promote(current_tid(), 1);
     if (!c)
         return;
     charge_mark_slow(ctx, c);
@@ -625,39 +727,50 @@ static __always_inline u64 of_cgroup_id(u64 of) {
 // ---- __mem_cgroup_charge (mem_cgroup_charge on 5.10) ----
 
 static __always_inline void on_page_charge_enter(void *ctx, u32 gfp) {
-    struct task_ctx *c = get_ctx(current_tid(), 1);
-    if (!c)
+    struct fast_ctx *f = fast_slot();
+    if (!f)
         return;
-    c->page_start = bpf_ktime_get_ns();
-    c->page_gfp = gfp;
-    c->page_active = 1;
-    c->data[0] = 0;
-    c->data[1] = 0;
+    f->page_tid = current_tid();
+    f->page_start = bpf_ktime_get_ns();
+    f->page_gfp = gfp;
+    f->last_memcg = 0;
+    f->last_nr = 0;
 }
 
 static __always_inline void on_page_charge_exit(void *ctx, s64 ret) {
     u32 tid = current_tid();
-    struct task_ctx *c = get_ctx(tid, 0);
-    if (!c || !c->page_active)
-        return;
-    u64 cgid = c->data[0];
-    u64 pages = c->data[1];
-    u64 ns = bpf_ktime_get_ns() - c->page_start;
-    struct charge_stat zero = {}, *s = page_charge_stats.lookup_or_try_init(&cgid, &zero);
-    charge_account(s, pages, ns, ret, 0);
+    u64 memcg, pages, ns;
+    u32 gfp;
+    struct fast_ctx *f = fast_slot();
+    if (f && f->page_tid == tid) {
+        memcg = f->last_memcg;
+        pages = f->last_nr;
+        gfp = f->page_gfp;
+        ns = bpf_ktime_get_ns() - f->page_start;
+        f->page_tid = 0;
+    } else {
+        struct task_ctx *c = get_ctx(tid, 0);
+        if (!c || !c->page_active)
+            return;
+        memcg = c->data[0];
+        pages = c->data[1];
+        gfp = c->page_gfp;
+        ns = bpf_ktime_get_ns() - c->page_start;
+        c->page_active = 0;
+        maybe_free_ctx(tid, c);
+    }
+    charge_account(1, memcg, pages, ns, ret, 0);
     if (ret) {
         struct event_t *e = new_event(EV_PAGE_CHARGE_FAIL);
         if (e) {
-            e->cgid = cgid;
+            e->cgid = memcg ? memcg_cgid(memcg) : 0;
             e->arg0 = pages;
-            e->arg1 = c->page_gfp;
+            e->arg1 = gfp;
             e->ret = ret;
             e->duration_ns = ns;
             emit(ctx, e);
         }
     }
-    c->page_active = 0;
-    maybe_free_ctx(tid, c);
 }
 
 // ---- tracepoint mode: memcg reclaim by task, memcg:* activity ----

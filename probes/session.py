@@ -289,6 +289,13 @@ class Session:
         return any(p.role == "drain_all_stock" and p.attached and "." not in p.target and not p.reason
                    for p in self._probes)
 
+    def contexts_lost(self) -> int:
+        """Charges whose per-CPU fast context was overwritten by another
+        task's charge (the first was preempted mid-charge): not counted."""
+        if self.bpf is None:
+            return 0
+        return sum(int(v) for v in self.bpf["ctx_lost"][ctypes.c_int(0)])
+
     def lost(self) -> list[int]:
         if self.bpf is None:
             return []
@@ -319,14 +326,31 @@ class Session:
         if self.bpf is None:
             return 0
         removed = 0
-        for table in ("charge_stats", "page_charge_stats", "oom_stats"):
+        addresses = set()
+        for table in ("charge_stats", "page_charge_stats"):
             t = self.bpf[table]
+            for k, per_cpu in list(t.items()):
+                if any(int(v.cgid) == cgid for v in per_cpu):
+                    addresses.add(int(k.value))
+                    try:
+                        del t[k]
+                        removed += 1
+                    except KeyError:
+                        pass
+        t = self.bpf["charge_lat"]
+        for k in [k for k in t.keys() if int(k.memcg) in addresses]:
             try:
-                del t[t.Key(cgid)]
+                del t[k]
                 removed += 1
             except KeyError:
                 pass
-        for table in ("charge_lat", "reclaim_stats", "reclaim_lat", "limit_stats", "counter_fails",
+        t = self.bpf["oom_stats"]
+        try:
+            del t[t.Key(cgid)]
+            removed += 1
+        except KeyError:
+            pass
+        for table in ("reclaim_stats", "reclaim_lat", "limit_stats", "counter_fails",
                       "memcg_events", "memcg_state"):
             t = self.bpf[table]
             for k in [k for k in t.keys() if k.cgid == cgid]:
@@ -359,13 +383,21 @@ class Session:
         def agg(cgid: int) -> CgroupAggregate:
             return out.setdefault(int(cgid), CgroupAggregate())
 
+        # charges: per-CPU values keyed by the memcg's address, summed here
         fields = ("calls", "pages", "slow", "fail_enomem", "fail_eintr", "fail_other", "ns")
-        for k, v in self.bpf["charge_stats"].items():
-            agg(k.value).charges = {f: int(getattr(v, f)) for f in fields}
-        for k, v in self.bpf["page_charge_stats"].items():
-            agg(k.value).page_charges = {f: int(getattr(v, f)) for f in fields}
-        for k, v in self.bpf["charge_lat"].items():
-            agg(k.cgid).charge_latency[int(k.slot)] = int(v.value)
+        cgid_of: dict[int, int] = {}
+        for table, attr in (("charge_stats", "charges"), ("page_charge_stats", "page_charges")):
+            for k, per_cpu in self.bpf[table].items():
+                cgid = max(int(v.cgid) for v in per_cpu)
+                cgid_of[int(k.value)] = cgid
+                sums = getattr(agg(cgid), attr)
+                for f in fields:
+                    sums[f] = sums.get(f, 0) + sum(int(getattr(v, f)) for v in per_cpu)
+        for k, per_cpu in self.bpf["charge_lat"].items():
+            cgid = cgid_of.get(int(k.memcg))
+            if cgid is not None:
+                slots = agg(cgid).charge_latency
+                slots[int(k.slot)] = slots.get(int(k.slot), 0) + sum(int(v) for v in per_cpu)
         for k, v in self.bpf["reclaim_stats"].items():
             agg(k.cgid).reclaim[CALLERS.get(k.caller, "other")] = {
                 "calls": int(v.calls), "asked": int(v.asked), "freed": int(v.freed), "ns": int(v.ns)}
