@@ -142,6 +142,10 @@ class Daemon:
     def lost(self) -> list[int]:
         return self.session.lost()
 
+    def contexts_lost(self) -> int:
+        counter = getattr(self.session, "contexts_lost", None)
+        return counter() if counter else 0
+
     def aggregates(self):
         try:
             return self.session.aggregates()

@@ -249,7 +249,10 @@ class MemcgCollector:
         for name, (ns, count) in d.bpf_program_stats().items():
             run_time.add_metric([name], ns / 1e9)
             run_count.add_metric([name], count)
+        ctx_lost = CounterMetricFamily("memcgscope_charge_contexts_lost",
+                                       "Charges not counted: preempted mid-charge, their per-CPU context was reused.")
+        ctx_lost.add_metric([], d.contexts_lost())
         dropped = CounterMetricFamily("memcgscope_unresolved_cgroup_events",
                                       "Episodes whose cgroup id resolved to no path (removed cgroups).")
         dropped.add_metric([], d.counts.unresolved)
-        yield from (info, attached, lost, run_time, run_count, dropped)
+        yield from (info, attached, lost, ctx_lost, run_time, run_count, dropped)

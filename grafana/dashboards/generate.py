@@ -304,7 +304,8 @@ def build() -> dict:
                      "ops"), 8, 8)
     b.add(timeseries("Unresolved cgroup events /s", "Episodes whose cgroup id resolved to no path (the "
                      "cgroup was removed before it was seen); they are not counted per cgroup.",
-                     [(rate("memcgscope_unresolved_cgroup_events_total", SEL, "instance"), "{{instance}}")],
+                     [(rate("memcgscope_unresolved_cgroup_events_total", SEL, "instance"), "{{instance}}"),
+                      (rate("memcgscope_charge_contexts_lost_total", SEL, "instance"), "{{instance}} charges lost")],
                      "ops"), 8, 8)
 
     def var(name, label, query, *, include_all=True, multi=True):
