@@ -1022,6 +1022,11 @@ class AggregateChecker:
                                   f"{self.kills} kills seen in all"))
         return out
 
+    def rebaseline(self) -> None:
+        """Forget the previous readings: the next ``check`` only records a
+        baseline (the daemon calls it after a window it could not keep)."""
+        self._prev = {}
+
     # -- the daemon's entry point -------------------------------------------------------
     def check(self, raw: Mapping, watched: Mapping, window, aggregates=None) -> CheckResult:
         res = CheckResult()

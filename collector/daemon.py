@@ -121,6 +121,7 @@ class Daemon:
         self._watched: dict[int, str] = {}       # cgid -> path, cgroups seen in maps or episodes
         self._window: list[dict] = []            # episodes since the last aggregate check
         self._unresolved: list[dict] = []        # episodes waiting for the next cgroup walk
+        self._window_overflow = False
         self._unseen_since: dict[int, float] = {}  # cgid -> when it stopped resolving
         self._lock = threading.Lock()
         self.last_tick = 0.0
@@ -180,6 +181,9 @@ class Daemon:
     # episodes of cgroups created since the last walk wait for the next
     # tick's walk instead of being dropped; bounded
     MAX_PENDING = 10000
+    # episodes kept for one interval's aggregate check; beyond it the check
+    # of that interval is skipped (and rebaselined) rather than memory grown
+    MAX_WINDOW = 200_000
 
     def handle(self, episode, *, retry: bool = False) -> None:
         d = episode.to_json() if hasattr(episode, "to_json") else episode
@@ -199,7 +203,10 @@ class Daemon:
         label = self.limiter.label(path)
         self.counts.episodes[(label, d["kind"])] += 1
         d["cgroup"] = path
-        self._window.append(d)
+        if len(self._window) < self.MAX_WINDOW:
+            self._window.append(d)
+        else:
+            self._window_overflow = True
         if self.checker is None:
             return
         result = self.checker.check(d)
@@ -262,7 +269,12 @@ class Daemon:
 
     def _aggregate_checks(self, raw: dict[str, CgroupSnapshot], watched: dict[int, str]) -> None:
         window, self._window = self._window, []
+        overflow, self._window_overflow = self._window_overflow, False
         if self.aggregate_checker is None:
+            return
+        if overflow:
+            self.aggregate_checker.rebaseline()
+            self.counts.checks[("aggregate", "skipped")] += 1
             return
         agg = self.aggregates()
         try:

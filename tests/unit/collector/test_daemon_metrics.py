@@ -195,3 +195,28 @@ def test_profile_for_kernel():
     assert profile_for_kernel("6.12.117+deb12-amd64")[0] == "6.12"
     profile, warning = profile_for_kernel("6.8.0-45-generic")
     assert profile == "6.6" and "nearest older" in warning
+
+
+def test_window_overflow_skips_and_rebaselines_the_aggregate_check(tree):
+    tmp_path, ids = tree
+
+    class Aggregate:
+        rebaselined = 0
+
+        def rebaseline(self):
+            self.rebaselined += 1
+
+        def check(self, raw, watched, window, agg):
+            return SimpleNamespace(checks=[("failcnt", "ok")], divergences=[])
+
+    d = daemon_for(tmp_path, ids)
+    d.aggregate_checker = Aggregate()
+    d.MAX_WINDOW = 2
+    for _ in range(3):
+        d.handle({"kind": "charge", "cgroup_id": ids["/a"], "ret": 0, "steps": []})
+    d.tick()
+    assert d.aggregate_checker.rebaselined == 1
+    assert d.counts.checks[("aggregate", "skipped")] == 1
+    d.handle({"kind": "charge", "cgroup_id": ids["/a"], "ret": 0, "steps": []})
+    d.tick()
+    assert d.counts.checks[("failcnt", "ok")] == 1
