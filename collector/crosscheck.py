@@ -1022,16 +1022,23 @@ class AggregateChecker:
                                   f"{self.kills} kills seen in all"))
         return out
 
-    def rebaseline(self) -> None:
-        """Forget the previous readings: the next ``check`` only records a
-        baseline (the daemon calls it after a window it could not keep)."""
-        self._prev = {}
-
     # -- the daemon's entry point -------------------------------------------------------
-    def check(self, raw: Mapping, watched: Mapping, window, aggregates=None) -> CheckResult:
+    def check(self, raw: Mapping, watched: Mapping, window=None, aggregates=None) -> CheckResult:
+        """``window``: the interval's episodes to replay here; None when the
+        caller already fed each episode's CheckResult to ``observe`` (the
+        daemon does: every episode is replayed once, by its CrossChecker).
+        Observed counts are consumed: the next interval starts from zero."""
         res = CheckResult()
-        self.reset()
-        self.observe_episodes(window)
+        if window is not None:
+            self.reset()
+            self.observe_episodes(window)
+        try:
+            self._check_window(raw, watched, aggregates, res)
+        finally:
+            self.reset()
+        return res
+
+    def _check_window(self, raw: Mapping, watched: Mapping, aggregates, res: CheckResult) -> None:
         kagg = getattr(aggregates, "cgroups", None) or {}
         lost_now = sum(getattr(aggregates, "lost_per_cpu", None) or [])
         lost = max(0, lost_now - self._prev_lost) if self._prev_lost is not None else 0
@@ -1058,7 +1065,6 @@ class AggregateChecker:
                 res.checks.append((check, "divergent" if divs else "ok"))
         for cid in [c for c in self._prev if c not in watched]:
             del self._prev[cid]
-        return res
 
     def _window_v1(self, cid, prev, cur, lost):
         out = []

@@ -119,9 +119,7 @@ class Daemon:
         self._snapshot: dict[str, CgroupSnapshot] = {}
         self._raw_snapshot: dict[str, CgroupSnapshot] = {}
         self._watched: dict[int, str] = {}       # cgid -> path, cgroups seen in maps or episodes
-        self._window: list[dict] = []            # episodes since the last aggregate check
         self._unresolved: list[dict] = []        # episodes waiting for the next cgroup walk
-        self._window_overflow = False
         self._unseen_since: dict[int, float] = {}  # cgid -> when it stopped resolving
         self._lock = threading.Lock()
         self.last_tick = 0.0
@@ -181,9 +179,6 @@ class Daemon:
     # episodes of cgroups created since the last walk wait for the next
     # tick's walk instead of being dropped; bounded
     MAX_PENDING = 10000
-    # episodes kept for one interval's aggregate check; beyond it the check
-    # of that interval is skipped (and rebaselined) rather than memory grown
-    MAX_WINDOW = 200_000
 
     def handle(self, episode, *, retry: bool = False) -> None:
         d = episode.to_json() if hasattr(episode, "to_json") else episode
@@ -203,20 +198,25 @@ class Daemon:
         label = self.limiter.label(path)
         self.counts.episodes[(label, d["kind"])] += 1
         d["cgroup"] = path
-        if len(self._window) < self.MAX_WINDOW:
-            self._window.append(d)
-        else:
-            self._window_overflow = True
         if self.checker is None:
             return
         result = self.checker.check(d)
+        if self.aggregate_checker is not None:
+            # what the replay implied (counter failures, events, kills) feeds
+            # the interval's aggregate check: each episode is replayed once
+            self.aggregate_checker.observe(result)
+        self._record(result, d)
+
+    def _record(self, result, episode) -> None:
+        """Counts a check result and logs each divergence with its episode."""
         for check, verdict in result.checks:
             self.counts.checks[(check, verdict)] += 1
         for div in result.divergences:
             self.counts.divergences[(div.check, div.reason)] += 1
             self.divergence_log.write({"type": "divergence", "check": div.check, "reason": div.reason,
                                        "detail": div.detail, "kernel": self.kernel, "profile": self.profile,
-                                       "mode": self.mode, "time_unix": time.time(), "episode": d})
+                                       "mode": self.mode, "time_unix": time.time(),
+                                       "episode": episode if episode is not None else div.episode})
 
     # --- the periodic work -----------------------------------------------------------
 
@@ -268,28 +268,16 @@ class Daemon:
             self._raw_snapshot = raw
 
     def _aggregate_checks(self, raw: dict[str, CgroupSnapshot], watched: dict[int, str]) -> None:
-        window, self._window = self._window, []
-        overflow, self._window_overflow = self._window_overflow, False
-        if self.aggregate_checker is None:
+        if self.aggregate_checker is None or self.checker is None:
             return
-        if overflow:
-            self.aggregate_checker.rebaseline()
-            self.counts.checks[("aggregate", "skipped")] += 1
-            return
-        agg = self.aggregates()
         try:
-            results = self.aggregate_checker.check(raw, watched, window, agg)
+            # the interval's episodes were observed one by one in handle()
+            results = self.aggregate_checker.check(raw, watched, None, self.aggregates())
         except Exception as e:  # a checker bug must not stop the collector; it is counted
             log.warning("aggregate check failed: %s", e)
             self.counts.checks[("aggregate", "error")] += 1
             return
-        for check, verdict in results.checks:
-            self.counts.checks[(check, verdict)] += 1
-        for div in results.divergences:
-            self.counts.divergences[(div.check, div.reason)] += 1
-            self.divergence_log.write({"type": "divergence", "check": div.check, "reason": div.reason,
-                                       "detail": div.detail, "kernel": self.kernel, "profile": self.profile,
-                                       "time_unix": time.time(), "episode": div.episode})
+        self._record(results, None)
 
     def _read_cgroupfs(self, path: str) -> CgroupSnapshot | None:
         base = os.path.join(self.mountpoint, path.lstrip("/"))

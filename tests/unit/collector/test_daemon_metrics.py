@@ -197,26 +197,29 @@ def test_profile_for_kernel():
     assert profile == "6.6" and "nearest older" in warning
 
 
-def test_window_overflow_skips_and_rebaselines_the_aggregate_check(tree):
+def test_aggregate_check_uses_the_episode_replays_already_done(tree):
+    """Every episode is replayed once: the aggregate checker is fed the
+    per-episode results and checks the interval without replaying again."""
     tmp_path, ids = tree
+    observed, checked = [], []
+
+    class Checker:
+        def check(self, episode):
+            return SimpleNamespace(checks=[("charge", "ok")], divergences=[], tag=episode["ret"])
 
     class Aggregate:
-        rebaselined = 0
-
-        def rebaseline(self):
-            self.rebaselined += 1
+        def observe(self, result):
+            observed.append(result.tag)
 
         def check(self, raw, watched, window, agg):
+            checked.append(window)
             return SimpleNamespace(checks=[("failcnt", "ok")], divergences=[])
 
-    d = daemon_for(tmp_path, ids)
+    d = daemon_for(tmp_path, ids, checker=Checker())
     d.aggregate_checker = Aggregate()
-    d.MAX_WINDOW = 2
-    for _ in range(3):
-        d.handle({"kind": "charge", "cgroup_id": ids["/a"], "ret": 0, "steps": []})
+    for ret in (0, -12, 0):
+        d.handle({"kind": "charge", "cgroup_id": ids["/a"], "ret": ret, "steps": []})
     d.tick()
-    assert d.aggregate_checker.rebaselined == 1
-    assert d.counts.checks[("aggregate", "skipped")] == 1
-    d.handle({"kind": "charge", "cgroup_id": ids["/a"], "ret": 0, "steps": []})
-    d.tick()
-    assert d.counts.checks[("failcnt", "ok")] == 1
+    assert observed == [0, -12, 0]
+    assert checked == [None]  # nothing handed over to replay a second time
+    assert d.counts.checks[("failcnt", "ok")] == 1 and d.counts.checks[("charge", "ok")] == 3
