@@ -4,7 +4,10 @@ fail with the fix; they are never skipped (design.md §5)."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -22,3 +25,14 @@ def pytest_collection_modifyitems(items):
 def _needs_root():
     if os.geteuid() != 0:
         pytest.fail("tests/host needs root (BPF, tracefs, cgroupfs); run as root: sudo .venv/bin/pytest tests/host")
+
+
+@pytest.fixture
+def workdir(request):
+    """A private temporary directory, removed on every exit path."""
+    d = Path(tempfile.mkdtemp(prefix=f"memcgscope-{request.node.name[:40]}-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    assert not d.exists()

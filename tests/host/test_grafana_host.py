@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -37,15 +35,6 @@ SCRAPE = ROOT / "grafana" / "prometheus" / "scrape.yml"
 NON_EMPTY = {"Build", "Probes attached", "Probes", "Events lost /s", "Reclaim calls /s by caller",
              "Pages reclaimed /s by caller", "Usage vs limit", "Usage / limit", "memcg events /s (6.13+)",
              "BPF CPU time by program", "Scrape duration", "Events lost /s by CPU"}
-
-
-@pytest.fixture
-def workdir():
-    d = Path(tempfile.mkdtemp(prefix="memcgscope-grafana-host-"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

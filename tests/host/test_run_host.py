@@ -6,11 +6,8 @@ detaches everything, restores kernel.bpf_stats_enabled and exits 0 fast."""
 from __future__ import annotations
 
 import os
-import shutil
 import ssl
 import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -19,15 +16,6 @@ from promkit import (PASSWORD, USER, auth, http_get, query, run_collector, run_p
                      write_tls_web_config)
 
 BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
-
-
-@pytest.fixture
-def workdir():
-    d = Path(tempfile.mkdtemp(prefix="memcgscope-run-host-"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -8,11 +8,8 @@ The system prometheus service is never touched.
 
 from __future__ import annotations
 
-import shutil
 import ssl
 import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, Gauge
@@ -21,16 +18,6 @@ from memcgscope.collector.web import serve
 from promkit import PASSWORD, PROMTOOL, USER, api, auth, http_get, run_prometheus, wait_for, write_tls_web_config
 
 VALUE = 1234.5
-
-@pytest.fixture
-def workdir():
-    d = Path(tempfile.mkdtemp(prefix="memcgscope-web-host-"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-    assert not d.exists()
-
 
 @pytest.fixture
 def exporter(workdir):
