@@ -17,7 +17,7 @@ import time
 
 from memcgscope.probes.sysroot import SysRoot
 
-__all__ = ["ScratchCgroup", "ScratchError", "own_memory_cgroup_dir", "sweep_stale"]
+__all__ = ["ScratchCgroup", "ScratchError", "own_memory_cgroup_dir", "pid_alive", "sweep_stale"]
 
 PREFIX = "memcgscope-"
 _STALE = re.compile(rf"^{PREFIX}.*-(\d+)$")
@@ -43,7 +43,7 @@ def own_memory_cgroup_dir(sysroot: SysRoot | None = None) -> tuple[str, str]:
                        "see 'memcgscope doctor'")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
         return True
@@ -63,7 +63,7 @@ def sweep_stale(parent: str | None = None) -> list[str]:
         return removed
     for name in names:
         m = _STALE.match(name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             path = os.path.join(parent, name)
             _kill_members(path)
             try:

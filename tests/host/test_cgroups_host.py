@@ -14,6 +14,8 @@ import struct
 
 import pytest
 
+from memcgscope.collector.scratch import pid_alive
+
 from memcgscope.collector.cgroups import CgroupResolver, find_memory_hierarchy
 
 PREFIX = "memcgscope-test-cgroups-"
@@ -36,16 +38,6 @@ def kernfs_id(path: str) -> int:
     return int.from_bytes(handle.raw[8:16], "little")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
 def _remove(path: str) -> None:
     # depth first; a scratch cgroup of ours never holds processes
     for name in sorted(os.listdir(path)):
@@ -63,7 +55,7 @@ def scratch():
     # sweep what a crashed earlier run of this test left below our cgroup
     for name in os.listdir(own):
         pid = name[len(PREFIX):]
-        if name.startswith(PREFIX) and pid.isdigit() and not _alive(int(pid)):
+        if name.startswith(PREFIX) and pid.isdigit() and not pid_alive(int(pid)):
             _remove(os.path.join(own, name))
     made: list[str] = []
 
