@@ -49,21 +49,43 @@ def run(args) -> int:
         not_live = Finding("unknown", "not checked: --root is not the live system")
         active = RecordedChecks(not_live, not_live)
     report = detect(sysroot, active)
+    profile = profile_section(report)
     if args.capture:
         from memcgscope.probes.capture import capture
         capture(args.capture, sysroot, active)
     if args.json:
-        json.dump(report.to_dict(), sys.stdout, indent=2)
+        d = report.to_dict()
+        d["profile"] = profile
+        json.dump(d, sys.stdout, indent=2)
         print()
     else:
-        print(format_table(report))
+        print(format_table(report, profile))
     return 0 if report.mode else 1
 
 
-def format_table(report) -> str:
+def profile_section(report) -> dict:
+    """Which model profile run/replay/validate will check this kernel
+    against, and why (model.profiles.resolve_profile, the one resolver)."""
+    from memcgscope.model.profiles import resolve_profile
+    try:
+        res = resolve_profile(report.kernel, report.kernel_version, signature=report.version_signature)
+    except ValueError as e:
+        return {"profile": None, "upstream": None, "reason": str(e), "warning": str(e)}
+    return {"profile": res.profile.name, "upstream": res.upstream, "reason": res.reason,
+            "warning": res.warning}
+
+
+def format_table(report, profile: dict | None = None) -> str:
     out: list[str] = []
     w = out.append
     w(f"memcgscope doctor: kernel {report.kernel}")
+    if report.kernel_version:
+        _wrapped(w, "uname -v: ", report.kernel_version)
+    if profile is not None:
+        if profile["profile"]:
+            _wrapped(w, f"model profile: {profile['profile']}: ", profile["reason"])
+        if profile["warning"]:
+            _wrapped(w, "  warning: ", profile["warning"])
     w("")
     w(f"{'CHECK':<10} {'STATE':<8} DETAIL")
     for name, c in report.checks.items():

@@ -10,9 +10,11 @@ profile.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
-__all__ = ["Profile", "PROFILES", "get_profile"]
+__all__ = ["Profile", "PROFILES", "COVERS", "Resolution", "get_profile", "resolve_profile",
+           "upstream_version"]
 
 
 @dataclass(frozen=True)
@@ -113,8 +115,131 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
     _P_5_10_0, _P_5_10, _P_5_15, _P_6_1, _P_6_6, _P_6_12, _P_6_18)}
 
 
+#: Which upstream releases each profile covers: (first, last) sublevels of
+#: one family, last None for "and every later stable release".  Releases
+#: between two ranges of a family (5.10.60–5.10.79) were not read.
+COVERS: dict[str, tuple[tuple[int, int], int, int | None]] = {
+    "5.10.0": ((5, 10), 0, 59),
+    "5.10": ((5, 10), 80, None),
+    "5.15": ((5, 15), 0, None),
+    "6.1": ((6, 1), 0, None),
+    "6.6": ((6, 6), 0, None),
+    "6.12": ((6, 12), 0, None),
+    "6.18": ((6, 18), 0, None),
+}
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Which profile a kernel gets, and why (``resolve_profile``)."""
+    profile: Profile
+    #: the kernel release as given (``uname -r``)
+    release: str
+    #: the upstream version read, "5.10.262"; None when it could not be read
+    upstream: str | None
+    #: where ``upstream`` came from, and how the profile was chosen
+    reason: str
+    #: set when the profile is not known to cover this kernel (nearest older)
+    warning: str | None = None
+
+    @property
+    def exact(self) -> bool:
+        return self.warning is None
+
+
+_DEBIAN_VERSION = re.compile(r"Debian (\d+)\.(\d+)\.(\d+)")
+_UBUNTU_SIGNATURE = re.compile(r"(\d+)\.(\d+)\.(\d+)\s*$")
+_RELEASE = re.compile(r"^(\d+)\.(\d+)(?:\.(\d+))?")
+# Debian's ABI releases, "5.10.0-46-amd64" or "6.1.0-57-amd64": the third
+# number is always 0 and says nothing of the stable sublevel
+_DEBIAN_ABI = re.compile(r"^\d+\.\d+\.0-\d+-")
+
+
+def upstream_version(release: str, version: str | None = None,
+                     signature: str | None = None) -> tuple[tuple[int, int, int | None] | None, str]:
+    """The upstream (major, minor, sublevel) of a kernel, and where it was read.
+
+    ``release`` is ``uname -r``, ``version`` ``uname -v`` (or the whole
+    /proc/version), ``signature`` Ubuntu's /proc/version_signature.  Debian
+    puts the ABI, not the stable sublevel, in ``uname -r`` (5.10.0-46-amd64 is
+    5.10.262; 6.1.0-57-amd64 is 6.1.192) and the real version in ``uname -v``
+    ("#1 SMP Debian 5.10.262-1 (2026-07-31)"); Ubuntu puts it at the end of
+    /proc/version_signature ("Ubuntu 5.15.0-91.101-generic 5.15.131").
+    From 6.12 on Debian's release carries it too ("6.12.117+deb12-amd64").
+    sublevel None: only the family is known.
+    """
+    m = _DEBIAN_VERSION.search(version or "")
+    if m:
+        return (int(m[1]), int(m[2]), int(m[3])), "uname -v"
+    m = _UBUNTU_SIGNATURE.search(signature or "")
+    if m:
+        return (int(m[1]), int(m[2]), int(m[3])), "/proc/version_signature"
+    m = _RELEASE.match(release.strip())
+    if not m:
+        return None, "uname -r"
+    sub = None if m[3] is None or _DEBIAN_ABI.match(release.strip()) else int(m[3])
+    return (int(m[1]), int(m[2]), sub), "uname -r"
+
+
+def _covering(family, sub):
+    """Profiles of ``family`` whose range holds ``sub`` (all of the family's
+    profiles when ``sub`` is None), newest range first."""
+    out = []
+    for name, (fam, first, last) in COVERS.items():
+        if fam != family:
+            continue
+        if sub is None or (first <= sub and (last is None or sub <= last)):
+            out.append((first, name))
+    return [name for _, name in sorted(out, reverse=True)]
+
+
+def resolve_profile(release: str, version: str | None = None, *, signature: str | None = None,
+                    override: str | None = None) -> Resolution:
+    """The one place that chooses a kernel's profile (run, record, replay,
+    doctor and validate all call it).
+
+    ``override`` (``--profile``) is a profile name or a release a profile
+    covers exactly, and wins; anything else is refused.
+    Otherwise the upstream version (``upstream_version``) picks the profile
+    whose range covers it; a kernel between or above the ranges gets the
+    nearest older profile, with a warning; one older than every profile is
+    refused (ValueError, one line).
+    """
+    if override:
+        # an explicit choice: a profile name, or a release a profile covers
+        # (get_profile raises for anything else; no nearest-older guess)
+        return Resolution(get_profile(override), release, None, f"--profile {override}")
+    up, source = upstream_version(release, version, signature)
+    if up is None:
+        raise ValueError(f"kernel {release!r}: no version in it; use --profile with one of {', '.join(PROFILES)}")
+    family, sub = (up[0], up[1]), up[2]
+    text = f"{up[0]}.{up[1]}" + ("" if sub is None else f".{sub}")
+    names = _covering(family, sub)
+    if names and (sub is not None or len(names) == 1):
+        return Resolution(PROFILES[names[0]], release, text,
+                          f"{text} (from {source}) is covered by profile {names[0]}")
+    if names:
+        # Debian ABI release without uname -v: the family's newest form
+        return Resolution(PROFILES[names[0]], release, None,
+                          f"{text} (from {source}): stable sublevel unknown; newest {text} profile {names[0]}",
+                          f"kernel {release}: its stable sublevel is unknown (no 'Debian X.Y.Z' in uname -v); "
+                          f"checking against {names[0]}, the newest {text} profile (use --profile to choose)")
+    older = [(fam, first, name) for name, (fam, first, last) in COVERS.items()
+             if (fam, first) <= (family, sub if sub is not None else 1 << 30)]
+    if not older:
+        raise ValueError(f"kernel {release!r} ({text}) is older than every model profile; "
+                         f"the oldest is {min(COVERS.values())[0][0]}.{min(COVERS.values())[0][1]}")
+    name = max(older)[2]
+    return Resolution(PROFILES[name], release, text,
+                      f"{text} (from {source}): no profile covers it; nearest older {name}",
+                      f"no model profile covers kernel {release} ({text}); checking against {name}, "
+                      f"the nearest older one (use --profile to choose)")
+
+
 def get_profile(name: str | Profile) -> Profile:
-    """A profile by name (``"6.1"``) or full release (``"6.1.0-18-amd64"``).
+    """A profile by name (``"6.1"``) or full release (``"6.1.0-18-amd64"``)
+    that a profile covers exactly; anything else raises ValueError (use
+    ``resolve_profile`` for the nearest-older fallback).
 
     5.10.0–5.10.59 map to ``5.10.0``, 5.10.80+ to ``5.10``; the releases in
     between were not read, so they are refused.
@@ -124,23 +249,13 @@ def get_profile(name: str | Profile) -> Profile:
     text = str(name).strip()
     if text in PROFILES:
         return PROFILES[text]
-    head = text.split("-")[0].split("+")[0]
-    parts = head.split(".")
-    try:
-        nums = [int(x) for x in parts[:3]]
-    except ValueError:
-        nums = []
-    if len(nums) >= 2:
-        family = f"{nums[0]}.{nums[1]}"
-        sub = nums[2] if len(nums) > 2 else None
-        if family == "5.10" and sub is not None:
-            if sub < 60:
-                return PROFILES["5.10.0"]
-            if sub >= 80:
-                return PROFILES["5.10"]
-            raise ValueError(f"kernel {text}: 5.10.60–5.10.79 were not read; "
-                             f"use profile '5.10.0' or '5.10'")
-        if family in PROFILES:
-            return PROFILES[family]
     known = ", ".join(PROFILES)
+    try:
+        res = resolve_profile(text)
+    except ValueError:
+        raise ValueError(f"unknown kernel profile {text!r}; use one of {known}") from None
+    if res.warning is None:
+        return res.profile
+    if res.upstream and res.upstream.startswith("5.10."):
+        raise ValueError(f"kernel {text}: 5.10.60–5.10.79 were not read; use profile '5.10.0' or '5.10'")
     raise ValueError(f"unknown kernel profile {text!r}; use one of {known}")

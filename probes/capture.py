@@ -49,7 +49,8 @@ def capture(out_dir: str, sysroot: SysRoot | None = None, active=None) -> list[s
     os.makedirs(out_dir, exist_ok=True)
     with tracefs_mounted(sysroot) as mounted:
         release = sysroot.kernel_release()
-        for p in ("/proc/sys/kernel/osrelease", "/proc/version", "/proc/self/cgroup",
+        for p in ("/proc/sys/kernel/osrelease", "/proc/sys/kernel/version", "/proc/version",
+                  "/proc/version_signature", "/proc/self/cgroup",
                   "/proc/swaps", "/proc/cmdline", "/sys/kernel/security/lockdown"):
             copy(p)
         mounts = sysroot.read_text("/proc/mounts") or ""

@@ -78,6 +78,10 @@ class Report:
     mode: str | None
     mode_reason: str
     fixes: list[str] = field(default_factory=list)
+    #: uname -v and Ubuntu's version signature: the upstream version lives
+    #: there on Debian and Ubuntu (model.profiles.upstream_version)
+    kernel_version: str | None = None
+    version_signature: str | None = None
 
     def function(self, role_or_name: str) -> FunctionFinding | None:
         for f in self.functions:
@@ -249,7 +253,8 @@ def _detect(sysroot: SysRoot, active) -> Report:
     else:
         mode_reason = "no mode is usable: " + "; ".join(f"{m}: {v.reason}" for m, v in modes.items())
     fixes = [f"{name}: {c.fix}" for name, c in checks.items() if c.fix and not c.ok]
-    return Report(release, checks, functions, tracepoints, cgroups, modes, mode, mode_reason, fixes)
+    return Report(release, checks, functions, tracepoints, cgroups, modes, mode, mode_reason, fixes,
+                  sysroot.kernel_version(), sysroot.version_signature())
 
 
 def _kprobes(sysroot: SysRoot, config: dict[str, str], config_source: str | None) -> Finding:

@@ -71,6 +71,22 @@ class SysRoot:
         parts = version.split()
         return parts[2] if len(parts) > 2 else "unknown"
 
+    def kernel_version(self) -> str | None:
+        """``uname -v`` ("#1 SMP Debian 5.10.262-1 (2026-07-31)"): where Debian
+        keeps the upstream version its ``uname -r`` leaves out."""
+        text = self.read_text("/proc/sys/kernel/version")
+        if text and text.strip():
+            return text.strip()
+        # /proc/version ends with uname -v, which starts at " #<build number>"
+        version = self.read_text("/proc/version") or ""
+        i = version.find(" #")
+        return version[i + 1:].strip() if i >= 0 else None
+
+    def version_signature(self) -> str | None:
+        """Ubuntu's /proc/version_signature ("Ubuntu 5.15.0-91.101-generic 5.15.131")."""
+        text = self.read_text("/proc/version_signature")
+        return text.strip() if text else None
+
     def mounts(self) -> list[Mount]:
         out = []
         for line in (self.read_text("/proc/mounts") or "").splitlines():
