@@ -1,26 +1,42 @@
-"""Events from the BPF side, decoded, and assembled into episodes.
+"""The episode and recording contract: the one module that defines it.
 
-An episode is one slow-path call of the charge core, or one limit write,
-with its nested steps in order (design.md §3); page-charge failures, OOM
-kills outside a charge and (tracepoint mode) memcg reclaims stand alone.
-Assembly is pure Python: `EpisodeAssembler.feed(Event)` returns the
-episodes that event completed. The JSON form is documented in
-probes/README.md (schema memcgscope.episodes/1).
+* the **schema version** of recordings (``SCHEMA``) and the ones this
+  memcgscope reads;
+* the **event layout** shared with the BPF C: event types, reclaim callers,
+  limit kinds and ``struct event_t`` are defined here once and generated
+  into the C (``c_definitions()``, inserted by probes/program.py where
+  memcgscope.bpf.c says ``@EVENT_LAYOUT@``), so the two cannot drift;
+* the **episode** JSON form (``Episode.to_json``);
+* **what each mode and probe can see** (``Visibility``): the checks read it,
+  never the probe list;
+* the **recording writer and reader** (header, episodes, lost lines,
+  trailer).
+
+`record`, `replay`, `run`, `validate` and the test data's make.py use it.
+The format is documented in docs/recording-schema.md.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
+import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import IO, Iterable
 
-__all__ = ["Event", "RawEvent", "Episode", "EpisodeAssembler", "EV", "CALLERS", "LIMIT_KINDS",
-           "SCHEMA", "decode"]
+__all__ = ["SCHEMA", "SCHEMAS_READ", "EV", "CALLERS", "LIMIT_KINDS", "EVENT_FIELDS", "EVENT_SIZE",
+           "Event", "RawEvent", "decode", "decode_bytes", "c_definitions", "Episode", "Visibility",
+           "visibility", "make_header", "RecordingWriter", "Recording", "RecordingError",
+           "read_recording", "load_recording"]
 
 SCHEMA = "memcgscope.episodes/1"
+#: schemas this reader accepts
+SCHEMAS_READ = (SCHEMA,)
 
 
 class EV:
+    """Event types (``EV_<NAME>`` in the C)."""
     CHARGE_ENTER = 1
     CHARGE_EXIT = 2
     RECLAIM = 3
@@ -34,24 +50,56 @@ class EV:
     TP_RECLAIM = 11
 
 
+#: reclaim callers (``CALLER_<NAME>`` in the C): code -> the label value
 CALLERS = {0: "other", 1: "charge", 2: "v1_limit", 3: "v2_max", 4: "v2_high", 5: "unknown"}
-LIMIT_KINDS = {1: "memory.limit_in_bytes", 2: "memory.max", 3: "memory.high"}
+#: limit writes (``LIMIT_<NAME>`` in the C): code -> (C name, control file)
+_LIMITS = {1: ("RESIZE_MAX", "memory.limit_in_bytes"), 2: ("MEMORY_MAX", "memory.max"),
+           3: ("MEMORY_HIGH", "memory.high")}
+LIMIT_KINDS = {code: file for code, (_, file) in _LIMITS.items()}
+
+#: struct event_t, in order: (field, C type, array length or None)
+EVENT_FIELDS = (
+    ("type", "u32", None), ("cpu", "u32", None), ("pid", "u32", None), ("tid", "u32", None),
+    ("ts", "u64", None),
+    ("episode", "u64", None),   # start time of the episode the event belongs to (0: none)
+    ("cgid", "u64", None),      # cgroup id of the memcg the event is about
+    ("arg0", "u64", None), ("arg1", "u64", None), ("arg2", "u64", None),
+    ("ret", "s64", None),
+    ("usage", "u64", None), ("max", "u64", None), ("memsw_usage", "u64", None),
+    ("memsw_max", "u64", None),
+    ("duration_ns", "u64", None),
+    ("caller", "u32", None), ("flags", "u32", None),
+    ("comm", "char", 16), ("data", "char", 24),
+)
+_STRUCT_CODE = {"u32": "I", "u64": "Q", "s64": "q"}
+_CTYPES = {"u32": ctypes.c_uint32, "u64": ctypes.c_uint64, "s64": ctypes.c_int64}
+
+# one precompiled unpack: ctypes field access costs ~10x more per event, and
+# the collector decodes every event it receives
+_EVENT = struct.Struct("<" + "".join(f"{n}s" if t == "char" else _STRUCT_CODE[t]
+                                     for _, t, n in EVENT_FIELDS))
+EVENT_SIZE = _EVENT.size
 
 
 class RawEvent(ctypes.Structure):
-    """Mirror of struct event_t in memcgscope.bpf.c."""
-    _fields_ = [
-        ("type", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
-        ("pid", ctypes.c_uint32), ("tid", ctypes.c_uint32),
-        ("ts", ctypes.c_uint64), ("episode", ctypes.c_uint64), ("cgid", ctypes.c_uint64),
-        ("arg0", ctypes.c_uint64), ("arg1", ctypes.c_uint64), ("arg2", ctypes.c_uint64),
-        ("ret", ctypes.c_int64),
-        ("usage", ctypes.c_uint64), ("max", ctypes.c_uint64),
-        ("memsw_usage", ctypes.c_uint64), ("memsw_max", ctypes.c_uint64),
-        ("duration_ns", ctypes.c_uint64),
-        ("caller", ctypes.c_uint32), ("flags", ctypes.c_uint32),
-        ("comm", ctypes.c_char * 16), ("data", ctypes.c_char * 24),
-    ]
+    """struct event_t as ctypes (tests and benchmarks build events with it)."""
+    _fields_ = [(name, ctypes.c_char * n if t == "char" else _CTYPES[t]) for name, t, n in EVENT_FIELDS]
+
+
+assert ctypes.sizeof(RawEvent) == EVENT_SIZE, "struct event_t must have no padding"
+
+
+def c_definitions() -> str:
+    """The C side of the layout: #defines and struct event_t."""
+    lines = ["// generated from probes/episodes.py (the episode contract); do not edit here"]
+    lines += [f"#define EV_{name} {value}" for name, value in vars(EV).items() if name.isupper()]
+    lines += [f"#define CALLER_{label.upper()} {code}" for code, label in CALLERS.items()]
+    lines += [f"#define LIMIT_{cname} {code}" for code, (cname, _) in _LIMITS.items()]
+    lines.append("struct event_t {")
+    for name, t, n in EVENT_FIELDS:
+        lines.append(f"    {t} {name}{f'[{n}]' if n else ''};")
+    lines.append("};")
+    return "\n".join(lines) + "\n"
 
 
 @dataclass(slots=True)
@@ -74,15 +122,11 @@ class Event:
     duration_ns: int = 0
     caller: int = 0
     flags: int = 0
-    comm: bytes | str = b""  # NUL-padded as sent; _text() when needed
+    comm: bytes | str = b""  # NUL-padded as sent; text() when needed
     data: bytes | str = b""
 
 
-# struct event_t as one precompiled unpack: ctypes field access costs ~10x
-# more per event, and the collector decodes every event it receives
-_EVENT = struct.Struct("<IIIIQQQQQQqQQQQQII16s24s")
-assert _EVENT.size == ctypes.sizeof(RawEvent)
-EVENT_SIZE = _EVENT.size
+assert tuple(Event.__dataclass_fields__) == tuple(f for f, _, _ in EVENT_FIELDS)
 
 
 def decode_bytes(buf: bytes) -> Event:
@@ -91,22 +135,14 @@ def decode_bytes(buf: bytes) -> Event:
     return Event(*_EVENT.unpack_from(buf))
 
 
-def _text(raw: bytes | str) -> str:
-    if isinstance(raw, str):
-        return raw
-    return raw.split(b"\0", 1)[0].decode(errors="replace")
-
-
 def decode(raw: RawEvent) -> Event:
     return decode_bytes(bytes(raw))
 
 
-def _counters(e: Event, memsw: bool) -> dict:
-    d = {"usage": e.usage, "max": e.max}
-    if memsw:
-        d["memsw_usage"] = e.memsw_usage
-        d["memsw_max"] = e.memsw_max
-    return d
+def text(raw: bytes | str) -> str:
+    if isinstance(raw, str):
+        return raw
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
 
 
 @dataclass(slots=True)
@@ -142,122 +178,221 @@ class Episode:
         return d
 
 
-def _step(e: Event, memsw: bool) -> dict:
-    if e.type == EV.RECLAIM:
-        return {"kind": "reclaim", "ts_ns": e.ts, "cgroup_id": e.cgid, "nr_pages": e.arg0, "gfp": e.arg1,
-                "options": e.arg2, "freed": e.ret, "caller": CALLERS.get(e.caller, "other"),
-                "duration_ns": e.duration_ns, "after": _counters(e, memsw)}
-    if e.type == EV.COUNTER_FAIL:
-        return {"kind": "counter_fail", "ts_ns": e.ts, "cgroup_id": e.cgid,
-                "counter": "memsw" if e.arg0 else "memory", "nr_pages": e.arg1, "at": _counters(e, memsw)}
-    if e.type == EV.DRAIN:
-        return {"kind": "drain", "ts_ns": e.ts, "cgroup_id": e.cgid or None}
-    if e.type == EV.OOM:
-        return {"kind": "oom", "ts_ns": e.ts, "cgroup_id": e.cgid, "gfp": e.arg0, "order": e.arg1,
-                "result": bool(e.ret), "duration_ns": e.duration_ns, "after": _counters(e, memsw)}
-    if e.type == EV.OOM_KILL:
-        return {"kind": "oom_kill", "ts_ns": e.ts, "cgroup_id": e.cgid, "victim_pid": e.arg0}
-    raise ValueError(f"event type {e.type} is not a step")
+# --- what the probes can see -----------------------------------------------
+
+@dataclass(frozen=True)
+class Visibility:
+    """What a session's probes (or a recording's) can see; the cross-check
+    is told this, so it only holds the kernel to what was observable.
+
+    ``charges``: the charge core is probed (fentry/kprobe), so charge
+    episodes exist.  ``drains``: every ``drain_all_stock`` call is seen — the
+    function itself is probed, not only a ``.part`` clone entered past its
+    mutex trylock (Debian 6.1), and without a caveat (6.12 fentry: callers
+    that jump straight to ``drain_all_stock.part.0`` are not seen).
+    ``forced_charges``: a charge forced right after its counter failures is
+    an episode; that needs the charge core and ``page_counter_try_charge``.
+    """
+    mode: str | None = None
+    charges: bool = False
+    drains: bool = False
+    forced_charges: bool = False
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_header(cls, header: dict) -> "Visibility":
+        v = header.get("visibility")
+        if isinstance(v, dict):
+            return cls(**{k: v[k] for k in ("mode", "charges", "drains", "forced_charges") if k in v})
+        # recordings from before the header carried it: the same rules over
+        # the probe list; forced charges were episodes only if it said so
+        seen = visibility(header.get("mode"), header.get("probes") or ())
+        return cls(seen.mode, seen.charges, seen.drains, bool(header.get("forced_charges")))
 
 
-class EpisodeAssembler:
-    """Groups events by task into episodes. `memsw` says whether the v1
-    memsw counters are meaningful (v1 with swap accounting)."""
+def _get(p, key):
+    return p.get(key) if isinstance(p, dict) else getattr(p, key, None)
 
-    STEP_TYPES = {EV.RECLAIM, EV.COUNTER_FAIL, EV.DRAIN, EV.OOM, EV.OOM_KILL}
 
-    def __init__(self, memsw: bool = False, max_open: int = 65536):
-        self.memsw = memsw
-        self.max_open = max_open
-        # tid -> {"charge": Episode|None, "limit": Episode|None}
-        self._open: dict[int, dict[str, Episode]] = {}
-        self.orphans = 0  # events whose episode start was never seen
+def visibility(mode: str | None, probes: Iterable) -> Visibility:
+    """The rules, over ProbeStatus objects or their JSON form."""
+    probes = list(probes)
+    attached = {_get(p, "role") for p in probes if _get(p, "attached")}
+    drains = any(_get(p, "role") == "drain_all_stock" and _get(p, "attached")
+                 and "." not in str(_get(p, "target") or "") and not _get(p, "reason")
+                 for p in probes)
+    return Visibility(mode, "charge_core" in attached, drains,
+                      {"charge_core", "page_counter_try_charge"} <= attached)
 
-    def feed(self, e: Event) -> list[Episode]:
-        t = e.type
-        slots = self._open.get(e.tid)
-        if t in self.STEP_TYPES and slots:
-            # the common case first: a step of the innermost open episode it was tagged with
-            for ep in slots.values():
-                if ep.ts_ns == e.episode:
-                    ep.steps.append(_step(e, self.memsw))
-                    return []
-        if t == EV.CHARGE_ENTER:
-            ep = Episode("charge", e.ts, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
-                         {"gfp": e.arg0, "nr_pages": e.arg1}, entry=_counters(e, self.memsw))
-            self._slots(e.tid)["charge"] = ep
-            return []
-        if t == EV.CHARGE_EXIT:
-            ep = slots.pop("charge", None) if slots else None
-            if ep is None:
-                self.orphans += 1
-                ep = Episode("charge", e.ts - e.duration_ns, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
-                             {"gfp": e.arg0, "nr_pages": e.arg1}, complete=False)
-            ep.ret, ep.exit, ep.duration_ns = e.ret, _counters(e, self.memsw), e.duration_ns
-            self._gc(e.tid)
-            return [ep]
-        if t == EV.LIMIT_ENTER:
-            kind = LIMIT_KINDS.get(e.arg0, str(e.arg0))
-            if kind == "memory.limit_in_bytes" and e.arg2:
-                kind = "memory.memsw.limit_in_bytes"
-            args = {"file": kind, "value": e.arg1}
-            text = _text(e.data)
-            if text:
-                args["text"] = text
-            ep = Episode("limit_write", e.ts, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid, args,
-                         entry=_counters(e, self.memsw) if e.arg0 == 1 else None)
-            self._slots(e.tid)["limit"] = ep
-            return []
-        if t == EV.LIMIT_EXIT:
-            ep = slots.pop("limit", None) if slots else None
-            if ep is None:
-                self.orphans += 1
-                ep = Episode("limit_write", e.ts - e.duration_ns, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
-                             {"file": LIMIT_KINDS.get(e.arg0, str(e.arg0)), "value": e.arg1}, complete=False)
-            ep.ret, ep.duration_ns = e.ret, e.duration_ns
-            ep.exit = _counters(e, self.memsw) if e.flags & 1 else None
-            self._gc(e.tid)
-            return [ep]
-        if t in self.STEP_TYPES:
-            if e.episode:
-                self.orphans += 1
-            if t == EV.OOM_KILL:
-                return [Episode("oom_kill", e.ts, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
-                                {"victim_pid": e.arg0}, ret=0, duration_ns=0)]
-            if t == EV.RECLAIM:
-                return [Episode("reclaim", e.ts - e.duration_ns, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
-                                {"caller": CALLERS.get(e.caller, "other"), "nr_pages": e.arg0, "gfp": e.arg1,
-                                 "options": e.arg2}, steps=[], ret=e.ret, exit=_counters(e, self.memsw),
-                                duration_ns=e.duration_ns)]
-            return []  # a drain or OOM outside any episode: counted in the maps
-        if t == EV.PAGE_CHARGE_FAIL:
-            return [Episode("page_charge_fail", e.ts - e.duration_ns, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
-                            {"nr_pages": e.arg0, "gfp": e.arg1}, ret=e.ret, duration_ns=e.duration_ns)]
-        if t == EV.TP_RECLAIM:
-            return [Episode("reclaim", e.ts - e.duration_ns, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
-                            {"caller": "unknown", "gfp": e.arg1, "attribution": "task"},
-                            ret=e.ret, exit=_counters(e, self.memsw), duration_ns=e.duration_ns)]
-        raise ValueError(f"unknown event type {t}")
 
-    def _slots(self, tid: int) -> dict:
-        slots = self._open.get(tid)
-        if slots is None:
-            if len(self._open) >= self.max_open:
-                # tasks that died mid-episode: drop the oldest
-                self._open.pop(next(iter(self._open)))
-            slots = self._open[tid] = {}
-        return slots
+# --- recordings ----------------------------------------------------------------
 
-    def _gc(self, tid: int) -> None:
-        if not self._open.get(tid):
-            self._open.pop(tid, None)
+def make_header(*, kernel: str, kernel_version: str | None, mode: str | None, cgroup: dict,
+                memsw: bool, probes: Iterable, profile: str | None = None,
+                profile_reason: str | None = None, upstream: str | None = None,
+                memcgscope: str = "", machine: str = "", hostname: str = "",
+                started_unix: float = 0.0, **extra) -> dict:
+    """The header line.  ``kernel`` is uname -r, ``kernel_version`` uname -v;
+    ``profile`` is what run/record resolved, so replay uses the same."""
+    probes = [p if isinstance(p, dict) else {"role": p.role, "target": p.target, "kind": p.kind,
+                                             "attached": p.attached, "reason": p.reason}
+              for p in probes]
+    seen = visibility(mode, probes)
+    h = {"type": "header", "schema": SCHEMA, "memcgscope": memcgscope, "kernel": kernel,
+         "kernel_version": kernel_version, "upstream": upstream, "profile": profile,
+         "profile_reason": profile_reason, "machine": machine, "hostname": hostname, "mode": mode,
+         "cgroup": cgroup, "memsw": bool(memsw), "page_size": os.sysconf("SC_PAGE_SIZE"),
+         "forced_charges": seen.forced_charges, "visibility": seen.to_json(),
+         "started_unix": started_unix, "probes": probes}
+    h.update(extra)
+    return h
 
-    def flush(self) -> list[Episode]:
-        """Episodes still open (at close): returned incomplete."""
-        out = []
-        for slots in self._open.values():
-            for ep in slots.values():
-                ep.complete = False
-                out.append(ep)
-        self._open.clear()
-        return out
+
+class RecordingWriter:
+    """Writes a recording: the header at once, episodes as they come,
+    ``finish()`` writes the lost lines and the trailer.  Every line is
+    flushed at ``flush()`` (the caller's rhythm: once per poll)."""
+
+    def __init__(self, out: IO[str], header: dict):
+        if header.get("type") != "header" or header.get("schema") != SCHEMA:
+            raise ValueError("RecordingWriter needs a header from make_header()")
+        self.out = out
+        self.episodes = 0
+        self.finished = False
+        self._line(header)
+        out.flush()
+
+    def _line(self, obj: dict) -> None:
+        self.out.write(json.dumps(obj, separators=(",", ":")) + "\n")
+
+    def episode(self, ep: Episode | dict) -> None:
+        self._line(ep.to_json() if isinstance(ep, Episode) else ep)
+        self.episodes += 1
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def finish(self, lost: list[int], *, orphans: int = 0, events: int = 0, ended_unix: float = 0.0,
+               **extra) -> dict:
+        """Lost lines (CPUs that dropped events) and the trailer; once."""
+        if self.finished:
+            raise ValueError("recording already finished")
+        self.finished = True
+        for cpu, n in enumerate(lost):
+            if n:
+                self._line({"type": "lost", "cpu": cpu, "events": n})
+        trailer = {"type": "trailer", "episodes": self.episodes, "lost_events": sum(lost),
+                   "orphan_events": orphans, "events": events, "ended_unix": ended_unix}
+        trailer.update(extra)
+        self._line(trailer)
+        self.out.flush()
+        return trailer
+
+
+class RecordingError(ValueError):
+    """One line: what is wrong, where (file:line), and what to do."""
+
+
+@dataclass
+class Recording:
+    name: str
+    header: dict
+    episodes: list = field(default_factory=list)   # [(line number, episode dict)]
+    lost: dict = field(default_factory=dict)       # cpu -> events
+    trailer: dict | None = None
+    warnings: list = field(default_factory=list)
+
+    @property
+    def visibility(self) -> Visibility:
+        return Visibility.from_header(self.header)
+
+    @property
+    def cgroup(self) -> str:
+        """"v1" or "v2": the memory controller's hierarchy."""
+        cg = self.header.get("cgroup") or {}
+        if cg.get("v1_memory"):
+            return "v1"
+        if cg.get("v2_memory"):
+            return "v2"
+        raise RecordingError(f"{self.name}:1: the header's 'cgroup' names no memory controller "
+                             "(v1_memory, v2_memory); is the header intact?")
+
+    @property
+    def memsw(self) -> bool:
+        return bool(self.header.get("memsw")) and self.cgroup == "v1"
+
+
+def read_recording(text: str, name: str = "<recording>") -> Recording:
+    """Parses a recording; raises RecordingError.  A truncated last line
+    (a recording cut short) is a warning, not an error."""
+    lines = text.split("\n")
+    ends_with_newline = text.endswith("\n")
+    if ends_with_newline:
+        lines.pop()
+    rec = None
+    last = len(lines)
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            if no == last and not ends_with_newline and rec is not None:
+                rec.warnings.append(f"{name}:{no}: last line is truncated (not JSON: {e.msg}); "
+                                    f"it was skipped, the rest was read")
+                continue
+            raise RecordingError(f"{name}:{no}: not JSON ({e.msg} at column {e.colno}); "
+                                 f"fix or drop the line") from None
+        if not isinstance(obj, dict):
+            raise RecordingError(f"{name}:{no}: a JSON {type(obj).__name__}, not an object; fix or drop the line")
+        kind = obj.get("type")
+        if rec is None:
+            if kind != "header":
+                raise RecordingError(f"{name}:{no}: the first line must be the header "
+                                     f"({{\"type\": \"header\", \"schema\": \"{SCHEMA}\", ...}}), "
+                                     f"not type {kind!r}; is this a recording from 'memcgscope record'?")
+            if obj.get("schema") not in SCHEMAS_READ:
+                raise RecordingError(f"{name}:{no}: schema {obj.get('schema')!r} is not one this memcgscope "
+                                     f"reads ({', '.join(SCHEMAS_READ)}); replay it with the memcgscope that "
+                                     f"recorded it, or record it again")
+            rec = Recording(name, obj)
+            continue
+        if kind == "episode":
+            if not isinstance(obj.get("kind"), str):
+                raise RecordingError(f"{name}:{no}: episode without a 'kind'; fix or drop the line")
+            rec.episodes.append((no, obj))
+        elif kind == "lost":
+            rec.lost[obj.get("cpu")] = obj.get("events")
+        elif kind == "trailer":
+            rec.trailer = obj
+        elif kind == "header":
+            raise RecordingError(f"{name}:{no}: a second header; split the file at this line")
+        else:
+            raise RecordingError(f"{name}:{no}: unknown line type {kind!r}; fix or drop the line")
+    if rec is None:
+        raise RecordingError(f"{name}: empty, no header line; is this a recording from 'memcgscope record'?")
+    if rec.trailer is None:
+        rec.warnings.append(f"{name}: no trailer line: the recording was cut short "
+                            "(episodes after the last line are missing)")
+    return rec
+
+
+def load_recording(path: str) -> Recording:
+    """read_recording of a file ('-' for stdin), with one-line errors."""
+    import sys
+    if path == "-":
+        return read_recording(sys.stdin.read(), "<stdin>")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise RecordingError(f"{path}: no such file; give the path of a recording") from None
+    except IsADirectoryError:
+        raise RecordingError(f"{path}: is a directory; give the path of a recording") from None
+    except UnicodeDecodeError as e:
+        raise RecordingError(f"{path}: not UTF-8 text (byte {e.start}); give a JSON lines recording") from None
+    except OSError as e:
+        raise RecordingError(f"{path}: {e.strerror}") from None
+    return read_recording(data, path)

@@ -17,52 +17,14 @@
 #error "memcgscope: struct offsets must be given as -D flags (probes/program.py)"
 #endif
 
-#define EV_CHARGE_ENTER     1
-#define EV_CHARGE_EXIT      2
-#define EV_RECLAIM          3
-#define EV_DRAIN            4
-#define EV_OOM              5
-#define EV_OOM_KILL         6
-#define EV_COUNTER_FAIL     7
-#define EV_LIMIT_ENTER      8
-#define EV_LIMIT_EXIT       9
-#define EV_PAGE_CHARGE_FAIL 10
-#define EV_TP_RECLAIM       11
-
-#define CALLER_OTHER     0
-#define CALLER_CHARGE    1
-#define CALLER_V1_LIMIT  2
-#define CALLER_V2_MAX    3
-#define CALLER_V2_HIGH   4
-#define CALLER_UNKNOWN   5
-
-#define LIMIT_RESIZE_MAX 1
-#define LIMIT_MEMORY_MAX 2
-#define LIMIT_MEMORY_HIGH 3
-
-#define HIST_SLOTS 32
-
-struct event_t {
-    u32 type;
-    u32 cpu;
-    u32 pid;
-    u32 tid;
-    u64 ts;
-    u64 episode;      // start time of the episode this event belongs to (0: none)
-    u64 cgid;         // cgroup id of the memcg the event is about
-    u64 arg0, arg1, arg2;
-    s64 ret;
-    u64 usage, max, memsw_usage, memsw_max;
-    u64 duration_ns;
-    u32 caller;
-    u32 flags;
-    char comm[16];
-    char data[24];
-};
+// Event types, reclaim callers, limit kinds and struct event_t come from
+// probes/episodes.py, the one definition user space decodes with:
+// @EVENT_LAYOUT@
 
 struct task_ctx {
     // the charge in progress (outermost try_charge_memcg of this task)
     u64 charge_start;
+    u64 charge_sp;    // its stack pointer at entry (see charge_is_stale)
     u64 charge_memcg;
     u64 charge_cgid;
     u64 charge_usage, charge_max, charge_memsw_usage, charge_memsw_max;
@@ -130,6 +92,7 @@ struct fast_ctx {
     u32 gfp;
     u32 nr;
     u64 start;
+    u64 sp;
     u64 memcg;
     u32 page_tid;
     u32 page_gfp;
@@ -159,6 +122,10 @@ BPF_HASH(counter_fails, struct fail_key, u64, MAX_CGROUPS);
 BPF_HASH(memcg_events, struct item_key, struct item_val, MAX_CGROUPS * 16);
 BPF_HASH(memcg_state, struct item_key, struct item_val, MAX_CGROUPS * 16);
 BPF_PERCPU_ARRAY(lost, u64, 1);
+// updates dropped because a map was full, per map (MAPIDX_* from program.py)
+BPF_PERCPU_ARRAY(map_full, u64, NR_MAPIDX);
+// per-task or per-CPU charge contexts found stale and reset
+BPF_PERCPU_ARRAY(ctx_reset, u64, 1);
 BPF_PERCPU_ARRAY(scratch, struct event_t, 1);
 BPF_PERCPU_ARRAY(zero_ctx, struct task_ctx, 1);
 
@@ -204,6 +171,39 @@ static __always_inline u64 task_memcg(void) {
     return read_u64(cset + OFF_CSS_SET_SUBSYS + 8 * MEMORY_CGRP_ID);
 }
 
+static __always_inline void map_full_add(u32 idx) {
+    u64 *n = map_full.lookup(&idx);
+    if (n) (*n)++;
+}
+
+static __always_inline void count_ctx_reset(void) {
+    u32 zero = 0;
+    u64 *n = ctx_reset.lookup(&zero);
+    if (n) (*n)++;
+}
+
+// The kernel stack of the current task: [task->stack, + THREAD_SIZE).
+// THREAD_SIZE is 16 KiB on x86_64 and arm64 without KASAN (Debian's
+// builds); with KASAN it is larger, and frames beyond 16 KiB are then taken
+// for another stack, which only disables the stale check below.
+#ifndef THREAD_SIZE
+#define THREAD_SIZE 16384
+#endif
+static __always_inline int on_task_stack(u64 sp) {
+    u64 base = read_u64(bpf_get_current_task() + OFF_TASK_STACK);
+    return base && sp - base < THREAD_SIZE;
+}
+
+// An open charge of this task is still running only if the new entry is
+// nested in it: deeper on the same stack. On the task stack and not deeper,
+// the open charge's return was never seen (a kretprobe that found all its
+// instances taken, KRETPROBE_MAXACTIVE): it would make every later charge
+// of the task look nested and go uncounted, so it is dropped. An entry on
+// another stack (an interrupt's charge) is nested.
+static __always_inline int charge_is_stale(u64 sp, u64 open_sp) {
+    return on_task_stack(sp) && on_task_stack(open_sp) && sp >= open_sp;
+}
+
 static __always_inline u32 log2l(u64 v) {
     u32 r = 0;
     #pragma unroll
@@ -219,6 +219,8 @@ static __always_inline void reclaim_hist_add(u64 cgid, u32 caller, u64 ns) {
     u64 zero = 0, *v = reclaim_lat.lookup_or_try_init(&k, &zero);
     if (v)
         __sync_fetch_and_add(v, 1);
+    else
+        map_full_add(MAPIDX_RECLAIM_LAT);
 }
 
 static __always_inline struct event_t *new_event(u32 type) {
@@ -260,7 +262,10 @@ static __always_inline struct task_ctx *get_ctx(u32 tid, int create) {
     if (!z)
         return 0;
     tasks.update(&tid, z);
-    return tasks.lookup(&tid);
+    c = tasks.lookup(&tid);
+    if (!c)
+        map_full_add(MAPIDX_TASKS);
+    return c;
 }
 
 static __always_inline void maybe_free_ctx(u32 tid, struct task_ctx *c) {
@@ -324,8 +329,10 @@ static __always_inline void charge_account(int page, u64 memcg, u64 pages, u64 n
     struct charge_stat zero = {};
     struct charge_stat *s = page ? page_charge_stats.lookup_or_try_init(&memcg, &zero)
                                  : charge_stats.lookup_or_try_init(&memcg, &zero);
-    if (!s)
+    if (!s) {
+        map_full_add(page ? MAPIDX_PAGE_CHARGE_STATS : MAPIDX_CHARGE_STATS);
         return;
+    }
     if (!s->cgid && memcg)
         s->cgid = memcg_cgid(memcg);
     s->calls++;
@@ -339,6 +346,7 @@ static __always_inline void charge_account(int page, u64 memcg, u64 pages, u64 n
         struct lat_key k = {.memcg = memcg, .slot = log2l(ns)};
         u64 z = 0, *v = charge_lat.lookup_or_try_init(&k, &z);
         if (v) (*v)++;
+        else map_full_add(MAPIDX_CHARGE_LAT);
     }
 }
 
@@ -356,6 +364,7 @@ static __always_inline struct task_ctx *promote(u32 tid, int create) {
         } else {
             c->charge_depth = f->depth;
             c->charge_start = f->start;
+            c->charge_sp = f->sp;
             c->charge_memcg = f->memcg;
             c->charge_cgid = memcg_cgid(f->memcg);
             c->charge_gfp = f->gfp;
@@ -391,25 +400,38 @@ static __always_inline void reclaim_account(u64 cgid, u32 caller, u64 asked, u64
         __sync_fetch_and_add(&s->asked, asked);
         __sync_fetch_and_add(&s->freed, freed);
         __sync_fetch_and_add(&s->ns, ns);
+    } else {
+        map_full_add(MAPIDX_RECLAIM_STATS);
     }
     reclaim_hist_add(cgid, caller, ns);
 }
 
 // ---- the charge core: try_charge_memcg (try_charge on 5.10) ----
 
-static __always_inline void on_charge_enter(void *ctx, u64 memcg, u32 gfp, u32 nr) {
+static __always_inline void on_charge_enter(void *ctx, u64 memcg, u32 gfp, u32 nr, u64 sp) {
     u32 tid = current_tid();
     struct task_ctx *c = tasks.lookup(&tid);
     if (c && c->charge_depth) {
-        c->charge_depth++;  // nested in a slow charge (reclaim allocating): counted in the outer one
-        return;
+        if (!charge_is_stale(sp, c->charge_sp)) {
+            c->charge_depth++;  // nested in a slow charge (reclaim allocating): counted in the outer one
+            return;
+        }
+        count_ctx_reset();
+        c->charge_depth = 0;
+        c->charge_start = 0;
+        c->charge_memcg = 0;
+        c->pend_n = 0;
     }
     struct fast_ctx *f = fast_slot();
     if (!f)
         return;
     if (f->depth && f->tid == tid) {
-        f->depth++;  // nested on this CPU (an interrupt's charge): counted in the outer one
-        return;
+        if (!charge_is_stale(sp, f->sp)) {
+            f->depth++;  // nested on this CPU (an interrupt's charge): counted in the outer one
+            return;
+        }
+        count_ctx_reset();
+        f->depth = 0;
     }
     if (f->depth) {
         u32 zero = 0;
@@ -419,6 +441,7 @@ static __always_inline void on_charge_enter(void *ctx, u64 memcg, u32 gfp, u32 n
     f->tid = tid;
     f->depth = 1;
     f->start = bpf_ktime_get_ns();
+    f->sp = sp;
     f->memcg = memcg;
     f->gfp = gfp;
     f->nr = nr;
@@ -522,6 +545,7 @@ static __always_inline void on_pc_try_charge_exit(void *ctx, u64 ok) {
     struct fail_key k = {.cgid = e->cgid, .counter = which};
     u64 zero = 0, *v = counter_fails.lookup_or_try_init(&k, &zero);
     if (v) __sync_fetch_and_add(v, 1);
+    else map_full_add(MAPIDX_COUNTER_FAILS);
     if (c->charge_emitted) {
         emit(ctx, e);
         return;
@@ -630,6 +654,8 @@ static __always_inline void on_oom_exit(void *ctx, u64 ret) {
     if (s) {
         __sync_fetch_and_add(&s->invocations, 1);
         if (ret & 0xff) __sync_fetch_and_add(&s->returned_true, 1);
+    } else {
+        map_full_add(MAPIDX_OOM_STATS);
     }
     c->oom_start = 0;
     maybe_free_ctx(tid, c);
@@ -653,6 +679,8 @@ static __always_inline void on_mark_victim(void *ctx, u32 victim_pid) {
     struct oom_stat zero = {}, *s = oom_stats.lookup_or_try_init(&cgid, &zero);
     if (s)
         __sync_fetch_and_add(&s->kills, 1);
+    else
+        map_full_add(MAPIDX_OOM_STATS);
 }
 
 // ---- limit writes: mem_cgroup_resize_max (v1), memory_max_write and
@@ -709,6 +737,7 @@ static __always_inline void on_limit_exit(void *ctx, s64 ret) {
     struct limit_key k = {.cgid = cgid, .kind = c->limit_kind, .ret = ret > 0 ? 0 : (s32)ret};
     u64 zero = 0, *v = limit_stats.lookup_or_try_init(&k, &zero);
     if (v) __sync_fetch_and_add(v, 1);
+    else map_full_add(MAPIDX_LIMIT_STATS);
     c->limit_start = 0;
     c->limit_memcg = 0;
     maybe_free_ctx(tid, c);
@@ -808,5 +837,7 @@ static __always_inline void item_add(int state, u64 cgid, u32 item, s64 val) {
     if (v) {
         __sync_fetch_and_add(&v->count, 1);
         __sync_fetch_and_add(&v->sum, val);
+    } else {
+        map_full_add(state ? MAPIDX_MEMCG_STATE : MAPIDX_MEMCG_EVENTS);
     }
 }

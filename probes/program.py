@@ -15,11 +15,32 @@ from dataclasses import dataclass, field
 
 from .btf import BTF, BTFError
 from .detect import Report
+from .episodes import c_definitions
 from .targets import TRACEPOINTS
 
-__all__ = ["ProbeStatus", "Program", "build_program", "kernel_offsets", "ROLE_HANDLERS", "ProgramError"]
+__all__ = ["ProbeStatus", "Program", "build_program", "kernel_offsets", "ROLE_HANDLERS", "ProgramError",
+           "HIST_SLOTS", "source_text"]
 
 SOURCE = os.path.join(os.path.dirname(__file__), "memcgscope.bpf.c")
+LAYOUT_MARK = "// @EVENT_LAYOUT@"
+#: log2 latency slots per histogram: slot s holds [2^s, 2^(s+1)) ns and the
+#: last one everything above (2^39 ns is 9 minutes). Every Prometheus bucket
+#: bound must lie below the last slot, or the clamp would count values above
+#: a bound under it (collector/metrics.py checks this at import).
+HIST_SLOTS = 40
+#: maps whose full-drops the BPF side counts (map_full[MAPIDX_<NAME>]); the
+#: metric memcgscope_map_full_drops_total{map} names them
+COUNTED_MAPS = ("tasks", "charge_stats", "charge_lat", "page_charge_stats", "reclaim_stats",
+                "reclaim_lat", "limit_stats", "oom_stats", "counter_fails", "memcg_events", "memcg_state")
+
+
+def source_text() -> str:
+    """memcgscope.bpf.c with the event layout of probes/episodes.py in place."""
+    with open(SOURCE) as f:
+        text = f.read()
+    if LAYOUT_MARK not in text:
+        raise ProgramError(f"{SOURCE}: no '{LAYOUT_MARK}' line; the event layout has nowhere to go")
+    return text.replace(LAYOUT_MARK, c_definitions(), 1)
 
 
 class ProgramError(Exception):
@@ -46,7 +67,7 @@ class RoleHandler:
 
 
 ROLE_HANDLERS: dict[str, RoleHandler] = {
-    "charge_core": RoleHandler("on_charge_enter(ctx, A0, (u32)A1, (u32)A2)",
+    "charge_core": RoleHandler("on_charge_enter(ctx, A0, (u32)A1, (u32)A2, STACKPTR)",
                                "on_charge_exit(ctx, (s64)(int)RET)"),
     "page_charge": RoleHandler("on_page_charge_enter(ctx, (u32)A2)",
                                "on_page_charge_exit(ctx, (s64)(int)RET)"),
@@ -137,6 +158,7 @@ def kernel_offsets(btf: BTF, memsw: bool) -> dict[str, int]:
         "OFF_PC_USAGE": _offset(btf, "page_counter", "usage"),
         "OFF_PC_MAX": _offset(btf, "page_counter", "max"),
         "OFF_TASK_CGROUPS": _offset(btf, "task_struct", "cgroups"),
+        "OFF_TASK_STACK": _offset(btf, "task_struct", "stack"),
         "OFF_CSS_SET_SUBSYS": _offset(btf, "css_set", "subsys"),
         "MEMORY_CGRP_ID": memory_cgrp_id,
     }
@@ -147,10 +169,13 @@ def kernel_offsets(btf: BTF, memsw: bool) -> dict[str, int]:
     return offsets
 
 
-def _subst(call: str, nargs: int, args_valid: bool) -> str:
+def _subst(call: str, nargs: int, args_valid: bool, sp: str = "0") -> str:
+    """A handler call with the wrapper's names: A0..A4 the arguments, RET the
+    return value, STACKPTR the stack pointer at entry (kprobe: the probed
+    function's; fentry: the trampoline's frame, on the same stack)."""
     for i in range(5):
         call = call.replace(f"A{i}", f"a{i}" if i < nargs else "0")
-    return call.replace("RET", "ret").replace("ARGS_VALID", "1" if args_valid else "0")
+    return call.replace("RET", "ret").replace("ARGS_VALID", "1" if args_valid else "0").replace("STACKPTR", sp)
 
 
 def build_program(report: Report, mode: str, btf: BTF, *, max_cgroups: int = 4096,
@@ -172,13 +197,16 @@ def build_program(report: Report, mode: str, btf: BTF, *, max_cgroups: int = 409
     first_memcg_item = btf.enum_value("NR_VM_NODE_STAT_ITEMS")
     defines["FIRST_MEMCG_STAT_ITEM"] = first_memcg_item if first_memcg_item is not None else 0
     defines["MAX_CGROUPS"] = max_cgroups
+    defines["HIST_SLOTS"] = HIST_SLOTS
+    for i, name in enumerate(COUNTED_MAPS):
+        defines[f"MAPIDX_{name.upper()}"] = i
+    defines["NR_MAPIDX"] = len(COUNTED_MAPS)
     defines["RINGBUF_PAGES"] = ringbuf_pages
     if use_perf_buffer:
         defines["USE_PERF_BUFFER"] = 1
     cflags = [f"-D{k}={v}" for k, v in defines.items()] + ["-Wno-macro-redefined", "-Wno-unused-function"]
 
-    with open(SOURCE) as f:
-        text = f.read()
+    text = source_text()
     parts = [text, "\n// ---- wrappers for mode: " + mode + " ----\n"]
     probes: list[ProbeStatus] = []
     kprobes: list[tuple[str, str, bool]] = []
@@ -222,7 +250,7 @@ def build_program(report: Report, mode: str, btf: BTF, *, max_cgroups: int = 409
                 # for page_counter_try_charge's struct page_counter **fail).
                 reads = "".join(f"    u64 a{i} = 0;\n    mcs_get_func_arg(ctx, {i}, &a{i});\n" for i in range(nargs))
                 parts.append(f"KFUNC_PROBE({base}) {{\n{reads}"
-                             f"    {_subst(handler.enter, nargs, True)};\n    return 0;\n}}\n")
+                             f"    {_subst(handler.enter, nargs, True, '(u64)ctx')};\n    return 0;\n}}\n")
                 if handler.exit:
                     parts.append(f"KRETFUNC_PROBE({base}) {{\n    u64 ret = 0;\n    mcs_get_func_ret(ctx, &ret);\n"
                                  f"    {_subst(handler.exit, nargs, True)};\n    return 0;\n}}\n")
@@ -231,7 +259,7 @@ def build_program(report: Report, mode: str, btf: BTF, *, max_cgroups: int = 409
                 args = "".join(f"    u64 a{i} = PT_REGS_PARM{i + 1}(ctx);\n" for i in range(5))
                 fn = f"kp_{finding.role}_enter"
                 parts.append(f"int {fn}(struct pt_regs *ctx) {{\n{args}"
-                             f"    {_subst(handler.enter, 5, not clone)};\n    return 0;\n}}\n")
+                             f"    {_subst(handler.enter, 5, not clone, 'PT_REGS_SP(ctx)')};\n    return 0;\n}}\n")
                 kprobes.append((symbol, fn, False))
                 if not handler.needs_args:
                     # an entry-only probe can sit on every clone as well:

@@ -17,19 +17,22 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import threading
 from dataclasses import dataclass, field
 
 from .btf import BTF
 from .bpfsys import try_fentry
 from .detect import Report, detect, kernel_source, tracefs_mounted
-from .episodes import CALLERS, EVENT_SIZE, LIMIT_KINDS, EpisodeAssembler, decode_bytes
+from .assembly import EpisodeAssembler
+from .episodes import CALLERS, EVENT_SIZE, LIMIT_KINDS, Visibility, decode_bytes, visibility
 from .program import Program, ProgramError, ProbeStatus, build_program
 from .sysroot import SysRoot
 
 __all__ = ["Session", "SessionError", "Aggregates", "CgroupAggregate"]
 
-HIST_SLOTS = 32
-KRETPROBE_MAXACTIVE = 512  # tasks sleeping in reclaim hold a kretprobe instance each
+# tasks sleeping in reclaim hold a kretprobe instance each; a return missed
+# when all are taken is handled by the BPF side (see on_charge_enter)
+KRETPROBE_MAXACTIVE = int(os.environ.get("MEMCGSCOPE_KRETPROBE_MAXACTIVE", "512"))
 
 
 class SessionError(Exception):
@@ -77,6 +80,10 @@ class Session:
         self.assembler: EpisodeAssembler | None = None
         self.events_seen = 0
         self._tracefs = None
+        # held while the BPF object is read from another thread (a scrape)
+        # and while it is closed, so no read runs on freed maps
+        self._lock = threading.RLock()
+        self._paused = None
 
     # --- life cycle -------------------------------------------------------
 
@@ -94,7 +101,15 @@ class Session:
             raise
         return self
 
-    def _open(self) -> None:
+    def build(self, *, check_fentry: bool = True) -> Program:
+        """Detects the kernel and builds the program for the mode, without
+        compiling or loading anything (``--ebpf`` prints it).
+        ``check_fentry``: test-load a minimal fentry program per probe
+        (needs root)."""
+        self._build(check_fentry)
+        return self.program
+
+    def _build(self, check_fentry: bool) -> None:
         report = self.report or detect(self.sysroot)
         self.report = report
         mode = self.requested_mode or report.mode
@@ -122,13 +137,17 @@ class Session:
         try:
             self.program = build_program(report, mode, btf, max_cgroups=self.max_cgroups,
                                          ringbuf_pages=self.ringbuf_pages, use_perf_buffer=self.use_perf_buffer,
-                                         fentry_check=fentry_check if mode == "fentry" else None,
+                                         fentry_check=fentry_check if mode == "fentry" and check_fentry else None,
                                          memcg_state=self.memcg_state)
         except ProgramError as e:
             raise SessionError(str(e)) from e
         self.mode = mode
         self._btf = btf
+        self._probes = list(self.program.probes)
         self.assembler = EpisodeAssembler(memsw=bool(report.cgroups.v1_memory and report.cgroups.swap_accounting))
+
+    def _open(self) -> None:
+        self._build(True)
         kind, path, _ = kernel_source(self.sysroot)
         if kind == "fallback" and path:
             os.environ["BCC_KERNEL_SOURCE"] = path
@@ -144,9 +163,8 @@ class Session:
             self.close()
             first_error = next((line for line in compiler_output if "error" in line), "")
             detail = first_error or (str(e).splitlines()[0] if str(e) else repr(e))
-            raise SessionError(f"compiling or loading the {mode} program failed: {detail} "
+            raise SessionError(f"compiling or loading the {self.mode} program failed: {detail} "
                                f"(MEMCGSCOPE_DEBUG_BPF=1 shows everything)") from e
-        self._probes = list(self.program.probes)
         self._attach_kprobes()
         self._open_events()
 
@@ -179,11 +197,15 @@ class Session:
         b = self.bpf
         self._paused = {
             "tracepoints": [(tp, "tracepoint__" + tp.decode().replace(":", "__")) for tp in list(b.tracepoint_fds)],
+            # the memcg:* probes are raw tracepoints: they run on every fault
+            "raw_tracepoints": [(tp, "raw_tracepoint__" + tp.decode()) for tp in list(b.raw_tracepoint_fds)],
             "kfunc_entry": list(b.kfunc_entry_fds), "kfunc_exit": list(b.kfunc_exit_fds),
             "kprobes": list(self.program.kprobes),
         }
         for tp, _ in self._paused["tracepoints"]:
             b.detach_tracepoint(tp)
+        for tp, _ in self._paused["raw_tracepoints"]:
+            b.detach_raw_tracepoint(tp)
         for fn in self._paused["kfunc_entry"]:
             b.detach_kfunc(fn)
         for fn in self._paused["kfunc_exit"]:
@@ -198,6 +220,8 @@ class Session:
         b, paused = self.bpf, self._paused
         for tp, fn in paused["tracepoints"]:
             b.attach_tracepoint(tp=tp, fn_name=fn)
+        for tp, fn in paused["raw_tracepoints"]:
+            b.attach_raw_tracepoint(tp=tp, fn_name=fn)
         for fn in paused["kfunc_entry"]:
             b.attach_kfunc(fn_name=fn)
         for fn in paused["kfunc_exit"]:
@@ -227,12 +251,14 @@ class Session:
         self._callback = callback  # keep a reference: bcc holds only a C pointer
 
     def close(self) -> None:
-        if self.bpf is not None:
+        with self._lock:
             bpf, self.bpf = self.bpf, None
-            try:
-                bpf.cleanup()
-            except Exception:
-                pass
+        if bpf is not None:
+            with self._lock:   # no reader is inside the maps from here on
+                try:
+                    bpf.cleanup()
+                except Exception:
+                    pass
         tracefs, self._tracefs = self._tracefs, None
         if tracefs is not None:
             tracefs.__exit__(None, None, None)
@@ -277,89 +303,144 @@ class Session:
     def status(self) -> list[ProbeStatus]:
         return list(self._probes)
 
+    def visibility(self) -> Visibility:
+        """What these probes can see (the rules: probes/episodes.py)."""
+        return visibility(self.mode, self._probes)
+
     def forced_charges_visible(self) -> bool:
-        """Forced charges become episodes only when both the charge core and
-        page_counter_try_charge (which reports the failure first) are probed."""
-        attached = {p.role for p in self._probes if p.attached}
-        return {"charge_core", "page_counter_try_charge"} <= attached
+        return self.visibility().forced_charges
 
     def drains_visible(self) -> bool:
-        """Every drain_all_stock call is seen: the function itself is probed,
-        not only a clone entered past its trylock, and nothing is missed."""
-        return any(p.role == "drain_all_stock" and p.attached and "." not in p.target and not p.reason
-                   for p in self._probes)
+        return self.visibility().drains
+
+    @contextlib.contextmanager
+    def reading(self):
+        """The open BPF object, held against close() while in use; raises
+        SessionError when the session is closed (the scrape thread uses it)."""
+        with self._lock:
+            if self.bpf is None:
+                raise SessionError("session is closed")
+            yield self.bpf
 
     def contexts_lost(self) -> int:
         """Charges whose per-CPU fast context was overwritten by another
         task's charge (the first was preempted mid-charge): not counted."""
-        if self.bpf is None:
-            return 0
-        return sum(int(v) for v in self.bpf["ctx_lost"][ctypes.c_int(0)])
+        with self._lock:
+            if self.bpf is None:
+                return 0
+            return sum(int(v) for v in self.bpf["ctx_lost"][ctypes.c_int(0)])
+
+    def map_full(self) -> dict[str, int]:
+        """Updates dropped because a map was full, by map name."""
+        from .program import COUNTED_MAPS
+        with self._lock:
+            if self.bpf is None:
+                return {}
+            t = self.bpf["map_full"]
+            out = {}
+            for i, name in enumerate(COUNTED_MAPS):
+                n = sum(int(v) for v in t[ctypes.c_int(i)])
+                if n:
+                    out[name] = n
+            return out
+
+    def contexts_reset(self) -> int:
+        """Charge contexts dropped as stale (their return was never seen)."""
+        with self._lock:
+            if self.bpf is None:
+                return 0
+            return sum(int(v) for v in self.bpf["ctx_reset"][ctypes.c_int(0)])
 
     def lost(self) -> list[int]:
-        if self.bpf is None:
-            return []
-        counts = [int(v) for v in self.bpf["lost"][ctypes.c_int(0)]]
-        if self.use_perf_buffer:
-            counts[0] += self._perf_lost
-        return counts
+        with self._lock:
+            if self.bpf is None:
+                return []
+            counts = [int(v) for v in self.bpf["lost"][ctypes.c_int(0)]]
+            if self.use_perf_buffer:
+                counts[0] += self._perf_lost
+            return counts
 
     def program_stats(self) -> dict[str, tuple[int, int]]:
         """program name -> (run time ns, run count) from /proc/self/fdinfo;
         zero unless kernel.bpf_stats_enabled is 1."""
         out = {}
-        if self.bpf is None:
-            return out
-        for name, fn in list(self.bpf.funcs.items()):
-            try:
-                with open(f"/proc/self/fdinfo/{fn.fd}") as f:
-                    info = dict(line.split(":", 1) for line in f if ":" in line)
-            except OSError:
-                continue
-            key = name.decode() if isinstance(name, bytes) else name
-            out[key] = (int(info.get("run_time_ns", "0").strip() or 0), int(info.get("run_cnt", "0").strip() or 0))
+        with self._lock:   # the fds stay ours while we read their fdinfo
+            if self.bpf is None:
+                return out
+            for name, fn in list(self.bpf.funcs.items()):
+                try:
+                    with open(f"/proc/self/fdinfo/{fn.fd}") as f:
+                        info = dict(line.split(":", 1) for line in f if ":" in line)
+                except OSError:
+                    continue
+                key = name.decode() if isinstance(name, bytes) else name
+                out[key] = (int(info.get("run_time_ns", "0").strip() or 0),
+                            int(info.get("run_cnt", "0").strip() or 0))
         return out
 
     def forget_cgroup(self, cgid: int) -> int:
-        """Deletes a removed cgroup's entries from every per-cgroup map, so
-        the maps stay bounded under churn. Returns how many were removed."""
-        if self.bpf is None:
+        return self.forget_cgroups({cgid})
+
+    def forget_cgroups(self, cgids) -> int:
+        """Deletes every per-cgroup map entry of these cgroup ids (removed
+        cgroups, or cgroups --cgroup does not watch), each map walked once,
+        so the maps stay bounded under churn. Returns how many went."""
+        cgids = {int(c) for c in cgids}
+        if not cgids:
             return 0
+        with self._lock:
+            if self.bpf is None:
+                return 0
+            return self._forget(self.bpf, cgids)
+
+    @staticmethod
+    def _forget(bpf, cgids: set) -> int:
         removed = 0
-        addresses = set()
-        for table in ("charge_stats", "page_charge_stats"):
-            t = self.bpf[table]
-            for k, per_cpu in list(t.items()):
-                if any(int(v.cgid) == cgid for v in per_cpu):
-                    addresses.add(int(k.value))
-                    try:
-                        del t[k]
-                        removed += 1
-                    except KeyError:
-                        pass
-        t = self.bpf["charge_lat"]
-        for k in [k for k in t.keys() if int(k.memcg) in addresses]:
+
+        def delete(table, key) -> None:
+            nonlocal removed
             try:
-                del t[k]
+                del table[key]
                 removed += 1
             except KeyError:
                 pass
-        t = self.bpf["oom_stats"]
-        try:
-            del t[t.Key(cgid)]
-            removed += 1
-        except KeyError:
-            pass
-        for table in ("reclaim_stats", "reclaim_lat", "limit_stats", "counter_fails",
-                      "memcg_events", "memcg_state"):
-            t = self.bpf[table]
-            for k in [k for k in t.keys() if k.cgid == cgid]:
+
+        addresses = set()   # the per-CPU charge maps are keyed by the memcg's address
+        for name in ("charge_stats", "page_charge_stats"):
+            t = bpf[name]
+            for k, per_cpu in list(t.items()):
+                if any(int(v.cgid) in cgids for v in per_cpu):
+                    addresses.add(int(k.value))
+                    delete(t, k)
+        t = bpf["charge_lat"]
+        for k in [k for k in t.keys() if int(k.memcg) in addresses]:
+            delete(t, k)
+        t = bpf["oom_stats"]
+        for k in [k for k in t.keys() if int(k.value) in cgids]:
+            delete(t, k)
+        for name in ("reclaim_stats", "reclaim_lat", "limit_stats", "counter_fails",
+                     "memcg_events", "memcg_state"):
+            t = bpf[name]
+            for k in [k for k in t.keys() if int(k.cgid) in cgids]:
+                delete(t, k)
+        return removed
+
+    def forget_tasks(self, alive) -> int:
+        """Drops per-task contexts of threads that no longer exist
+        (``alive(tid) -> bool``): a thread that died inside a charge, or whose
+        return probe was missed, would otherwise hold its entry for ever and
+        the map would fill."""
+        with self._lock:
+            if self.bpf is None:
+                return 0
+            t = self.bpf["tasks"]
+            dead = [k for k in t.keys() if not alive(int(k.value))]
+            for k in dead:
                 try:
                     del t[k]
-                    removed += 1
                 except KeyError:
                     pass
-        return removed
+            return len(dead)
 
     def item_names(self, kind: str) -> dict[int, str]:
         """Kernel enum names for memcg:* tracepoint items (they differ between builds)."""
@@ -376,8 +457,10 @@ class Session:
 
     def aggregates(self) -> Aggregates:
         """The in-kernel per-cgroup maps, read without stopping the probes."""
-        if self.bpf is None:
-            raise SessionError("session is closed")
+        with self.reading():
+            return self._aggregates()
+
+    def _aggregates(self) -> Aggregates:
         out: dict[int, CgroupAggregate] = {}
 
         def agg(cgid: int) -> CgroupAggregate:

@@ -1,0 +1,145 @@
+"""Events from the BPF side assembled into episodes (design in
+docs/architecture.md; the event layout and the episode JSON form are the
+contract of probes/episodes.py).
+
+An episode is one slow-path call of the charge core, or one limit write,
+with its nested steps in order; page-charge failures, OOM kills outside a
+charge and (tracepoint mode) memcg reclaims stand alone. Assembly is pure
+Python: `EpisodeAssembler.feed(Event)` returns the episodes that event
+completed.
+"""
+
+from __future__ import annotations
+
+from .episodes import CALLERS, EV, LIMIT_KINDS, Episode, Event, text as _text
+
+__all__ = ["EpisodeAssembler"]
+
+
+def _counters(e: Event, memsw: bool) -> dict:
+    d = {"usage": e.usage, "max": e.max}
+    if memsw:
+        d["memsw_usage"] = e.memsw_usage
+        d["memsw_max"] = e.memsw_max
+    return d
+
+
+def _step(e: Event, memsw: bool) -> dict:
+    if e.type == EV.RECLAIM:
+        return {"kind": "reclaim", "ts_ns": e.ts, "cgroup_id": e.cgid, "nr_pages": e.arg0, "gfp": e.arg1,
+                "options": e.arg2, "freed": e.ret, "caller": CALLERS.get(e.caller, "other"),
+                "duration_ns": e.duration_ns, "after": _counters(e, memsw)}
+    if e.type == EV.COUNTER_FAIL:
+        return {"kind": "counter_fail", "ts_ns": e.ts, "cgroup_id": e.cgid,
+                "counter": "memsw" if e.arg0 else "memory", "nr_pages": e.arg1, "at": _counters(e, memsw)}
+    if e.type == EV.DRAIN:
+        return {"kind": "drain", "ts_ns": e.ts, "cgroup_id": e.cgid or None}
+    if e.type == EV.OOM:
+        return {"kind": "oom", "ts_ns": e.ts, "cgroup_id": e.cgid, "gfp": e.arg0, "order": e.arg1,
+                "result": bool(e.ret), "duration_ns": e.duration_ns, "after": _counters(e, memsw)}
+    if e.type == EV.OOM_KILL:
+        return {"kind": "oom_kill", "ts_ns": e.ts, "cgroup_id": e.cgid, "victim_pid": e.arg0}
+    raise ValueError(f"event type {e.type} is not a step")
+
+
+class EpisodeAssembler:
+    """Groups events by task into episodes. `memsw` says whether the v1
+    memsw counters are meaningful (v1 with swap accounting)."""
+
+    STEP_TYPES = {EV.RECLAIM, EV.COUNTER_FAIL, EV.DRAIN, EV.OOM, EV.OOM_KILL}
+
+    def __init__(self, memsw: bool = False, max_open: int = 65536):
+        self.memsw = memsw
+        self.max_open = max_open
+        # tid -> {"charge": Episode|None, "limit": Episode|None}
+        self._open: dict[int, dict[str, Episode]] = {}
+        self.orphans = 0  # events whose episode start was never seen
+
+    def feed(self, e: Event) -> list[Episode]:
+        t = e.type
+        slots = self._open.get(e.tid)
+        if t in self.STEP_TYPES and slots:
+            # the common case first: a step of the innermost open episode it was tagged with
+            for ep in slots.values():
+                if ep.ts_ns == e.episode:
+                    ep.steps.append(_step(e, self.memsw))
+                    return []
+        if t == EV.CHARGE_ENTER:
+            ep = Episode("charge", e.ts, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
+                         {"gfp": e.arg0, "nr_pages": e.arg1}, entry=_counters(e, self.memsw))
+            self._slots(e.tid)["charge"] = ep
+            return []
+        if t == EV.CHARGE_EXIT:
+            ep = slots.pop("charge", None) if slots else None
+            if ep is None:
+                self.orphans += 1
+                ep = Episode("charge", e.ts - e.duration_ns, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
+                             {"gfp": e.arg0, "nr_pages": e.arg1}, complete=False)
+            ep.ret, ep.exit, ep.duration_ns = e.ret, _counters(e, self.memsw), e.duration_ns
+            self._gc(e.tid)
+            return [ep]
+        if t == EV.LIMIT_ENTER:
+            kind = LIMIT_KINDS.get(e.arg0, str(e.arg0))
+            if kind == "memory.limit_in_bytes" and e.arg2:
+                kind = "memory.memsw.limit_in_bytes"
+            args = {"file": kind, "value": e.arg1}
+            text = _text(e.data)
+            if text:
+                args["text"] = text
+            ep = Episode("limit_write", e.ts, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid, args,
+                         entry=_counters(e, self.memsw) if e.arg0 == 1 else None)
+            self._slots(e.tid)["limit"] = ep
+            return []
+        if t == EV.LIMIT_EXIT:
+            ep = slots.pop("limit", None) if slots else None
+            if ep is None:
+                self.orphans += 1
+                ep = Episode("limit_write", e.ts - e.duration_ns, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
+                             {"file": LIMIT_KINDS.get(e.arg0, str(e.arg0)), "value": e.arg1}, complete=False)
+            ep.ret, ep.duration_ns = e.ret, e.duration_ns
+            ep.exit = _counters(e, self.memsw) if e.flags & 1 else None
+            self._gc(e.tid)
+            return [ep]
+        if t in self.STEP_TYPES:
+            if e.episode:
+                self.orphans += 1
+            if t == EV.OOM_KILL:
+                return [Episode("oom_kill", e.ts, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
+                                {"victim_pid": e.arg0}, ret=0, duration_ns=0)]
+            if t == EV.RECLAIM:
+                return [Episode("reclaim", e.ts - e.duration_ns, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
+                                {"caller": CALLERS.get(e.caller, "other"), "nr_pages": e.arg0, "gfp": e.arg1,
+                                 "options": e.arg2}, steps=[], ret=e.ret, exit=_counters(e, self.memsw),
+                                duration_ns=e.duration_ns)]
+            return []  # a drain or OOM outside any episode: counted in the maps
+        if t == EV.PAGE_CHARGE_FAIL:
+            return [Episode("page_charge_fail", e.ts - e.duration_ns, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
+                            {"nr_pages": e.arg0, "gfp": e.arg1}, ret=e.ret, duration_ns=e.duration_ns)]
+        if t == EV.TP_RECLAIM:
+            return [Episode("reclaim", e.ts - e.duration_ns, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
+                            {"caller": "unknown", "gfp": e.arg1, "attribution": "task"},
+                            ret=e.ret, exit=_counters(e, self.memsw), duration_ns=e.duration_ns)]
+        raise ValueError(f"unknown event type {t}")
+
+    def _slots(self, tid: int) -> dict:
+        slots = self._open.get(tid)
+        if slots is None:
+            if len(self._open) >= self.max_open:
+                # tasks that died mid-episode: drop the oldest
+                self._open.pop(next(iter(self._open)))
+            slots = self._open[tid] = {}
+        return slots
+
+    def _gc(self, tid: int) -> None:
+        if not self._open.get(tid):
+            self._open.pop(tid, None)
+
+    def flush(self) -> list[Episode]:
+        """Episodes still open (at close): returned incomplete."""
+        out = []
+        for slots in self._open.values():
+            for ep in slots.values():
+                ep.complete = False
+                out.append(ep)
+        self._open.clear()
+        return out
