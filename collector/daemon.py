@@ -1,11 +1,18 @@
 """The collector's main loop: episodes in, checks and metrics out.
 
-`Daemon` owns a probe session, resolves cgroup ids to paths, filters and
-bounds the `cgroup` label, replays each episode through the cross-checker,
-counts what it saw, writes divergences as JSON lines, and at a fixed
-interval reads cgroupfs for the watched cgroups (gauges and the aggregate
-checks) and prunes the in-kernel maps of removed cgroups. The Prometheus
-side (metrics.MemcgCollector) reads it at scrape time.
+`Daemon` owns the loop and nothing the scrape thread writes to.  Its parts:
+
+* the probe session (probes.session.Session): episodes and the BPF maps;
+* the watch list (watch.WatchList): cgroup id -> path -> bounded label;
+* the check pipeline (pipeline.CheckPipeline): every episode checked;
+* the cgroupfs reader (cgroupfs.CgroupfsReader): gauges and the
+  aggregate checks' counters, once per interval;
+* its own episode counts per label.
+
+At each `tick` it publishes a `View` (labels, cgroupfs snapshot); the
+Prometheus side (metrics.MemcgCollector) reads the published view, copies
+of the counters taken under their locks, and the BPF maps through the
+session's lock.  A scrape changes no state.
 """
 
 from __future__ import annotations
@@ -17,51 +24,33 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Mapping
 
-from .cgroups import CgroupLimiter, CgroupResolver, matches
+from .cgroupfs import CgroupfsReader, CgroupSnapshot, merge
+from .pipeline import CheckPipeline, PipelineCounts
+from .watch import WatchList
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Daemon", "Counts", "CgroupSnapshot", "profile_for_kernel", "DivergenceLog"]
-
-PAGE = os.sysconf("SC_PAGE_SIZE")
-UNLIMITED_V1 = 9223372036854771712
+__all__ = ["Daemon", "View", "DivergenceLog", "Facts"]
 
 
-def profile_for_kernel(release: str) -> tuple[str, str | None]:
-    """(model profile, warning) for a kernel release: the exact family when
-    the model has it, else the nearest older one, said in the warning."""
-    from memcgscope.model.profiles import PROFILES, get_profile
-    try:
-        return get_profile(release).name, None
-    except ValueError:
-        pass
-    try:
-        major, minor = (int(x) for x in release.split("-")[0].split("+")[0].split(".")[:2])
-    except ValueError:
-        return "6.18", f"kernel {release!r} not understood; checking against profile 6.18 (use --profile)"
-    known = sorted((tuple(int(x) for x in name.split(".")[:2]), name) for name in PROFILES if name.count(".") == 1)
-    older = [name for ver, name in known if ver <= (major, minor)]
-    chosen = older[-1] if older else known[0][1]
-    return chosen, (f"no model profile for kernel {release}; checking against {chosen}, the nearest older one "
-                    f"(use --profile to choose)")
+@dataclass(frozen=True)
+class Facts:
+    """What build_info and the landing page say about this run."""
+    version: str = ""
+    kernel: str = ""
+    upstream: str | None = None
+    profile: str | None = None
+    profile_exact: bool = True
+    cgroup_version: int = 2
 
 
-@dataclass
-class CgroupSnapshot:
-    usage: float | None = None
-    limit: float | None = None
-    failcnt: dict = field(default_factory=dict)
-    events: dict = field(default_factory=dict)
-
-
-class Counts:
-    def __init__(self):
-        self.episodes: Counter = Counter()
-        self.checks: Counter = Counter()
-        self.divergences: Counter = Counter()
-        self.unresolved = 0
-        self.total_episodes = 0
+@dataclass(frozen=True)
+class View:
+    """What a scrape reads; replaced whole at each tick."""
+    labels: Mapping[int, str] = field(default_factory=dict)                # cgid -> label
+    cgroupfs: Mapping[str, CgroupSnapshot] = field(default_factory=dict)   # label -> snapshot
 
 
 class DivergenceLog:
@@ -96,222 +85,147 @@ class DivergenceLog:
 
 
 class Daemon:
-    def __init__(self, session, *, resolver: CgroupResolver, cgroup_version: int, mountpoint: str,
-                 globs: list[str] | None = None, max_cgroups: int | None = 1000, grace: float = 60.0,
-                 checker=None, aggregate_checker=None, divergence_log: DivergenceLog | None = None,
-                 interval: float = 15.0, profile: str | None = None, kernel: str = "", version: str = "",
-                 clock=time.monotonic):
-        self.session = session
-        self.resolver = resolver
-        self.cgroup_version = cgroup_version
-        self.mountpoint = mountpoint
-        self.globs = list(globs or [])
-        self.limiter = CgroupLimiter(max_cgroups, grace=grace, clock=clock)
-        self.checker = checker
-        self.aggregate_checker = aggregate_checker
-        self.divergence_log = divergence_log or DivergenceLog(None)
-        self.interval = interval
-        self.profile = profile
-        self.kernel = kernel
-        self.version = version
-        self.clock = clock
-        self.counts = Counts()
-        self._snapshot: dict[str, CgroupSnapshot] = {}
-        self._raw_snapshot: dict[str, CgroupSnapshot] = {}
-        self._watched: dict[int, str] = {}       # cgid -> path, cgroups seen in maps or episodes
-        self._unresolved: list[dict] = []        # episodes waiting for the next cgroup walk
-        self._unseen_since: dict[int, float] = {}  # cgid -> when it stopped resolving
-        self._lock = threading.Lock()
-        self.last_tick = 0.0
-        self.grace = grace
+    # episodes of cgroups created since the last walk wait for the next
+    # tick's walk instead of being dropped; bounded
+    MAX_PENDING = 10000
 
-    # --- facts for metrics and the landing page ---------------------------------
+    def __init__(self, session, *, watch: WatchList, reader: CgroupfsReader,
+                 pipeline: CheckPipeline | None = None, divergence_log: DivergenceLog | None = None,
+                 interval: float = 15.0, facts: Facts | None = None, clock=time.monotonic,
+                 task_alive=None):
+        self.session = session
+        self.watch = watch
+        self.reader = reader
+        self.pipeline = pipeline
+        self.divergence_log = divergence_log or DivergenceLog(None)
+        if pipeline is not None and pipeline.on_divergence is None:
+            pipeline.on_divergence = self._log_divergence
+        self.interval = interval
+        self.facts = facts or Facts()
+        self.clock = clock
+        self.task_alive = task_alive or _tid_alive
+        self._lock = threading.Lock()           # guards the counters below
+        self._episodes: Counter = Counter()     # (label, kind) -> n
+        self._unresolved = 0
+        self._total = 0
+        self._pending: list[dict] = []          # episodes waiting for the next cgroup walk
+        self._view = View()
+        self.last_tick = 0.0
+        self.pruned = 0                         # BPF map entries dropped (removed or unwatched)
+
+    # --- what scrapes read (any thread) ----------------------------------------
 
     @property
     def mode(self) -> str | None:
         return getattr(self.session, "mode", None)
 
-    @property
-    def cgroup_version_name(self) -> str:
-        return f"v{self.cgroup_version}"
+    def view(self) -> View:
+        with self._lock:
+            return self._view
 
-    def probe_status(self):
-        return self.session.status()
+    def episode_counts(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self._episodes)
 
-    def lost(self) -> list[int]:
-        return self.session.lost()
+    def unresolved(self) -> int:
+        with self._lock:
+            return self._unresolved
 
-    def contexts_lost(self) -> int:
-        counter = getattr(self.session, "contexts_lost", None)
-        return counter() if counter else 0
+    def total_episodes(self) -> int:
+        with self._lock:
+            return self._total
+
+    def check_counts(self) -> PipelineCounts:
+        return self.pipeline.counts() if self.pipeline is not None else PipelineCounts()
 
     def aggregates(self):
+        """The BPF maps, read through the session's lock; None when closed."""
         try:
             return self.session.aggregates()
         except Exception as e:  # a closed session during shutdown
             log.debug("aggregates unavailable: %s", e)
             return None
 
-    def bpf_program_stats(self) -> dict[str, tuple[int, int]]:
-        stats = getattr(self.session, "program_stats", None)
-        return stats() if stats else {}
-
-    def path_for(self, cgid: int) -> str | None:
-        if cgid == 0:
-            return "/"  # a charge that never reached a memcg (root bypass)
-        return self.resolver.path(cgid)
-
-    def label_for(self, cgid: int) -> str | None:
-        """The `cgroup` label for an id: None when it does not resolve (yet)
-        or is filtered out by --cgroup."""
-        path = self.path_for(cgid)
-        if path is None or (self.globs and not matches(path, self.globs)):
-            return None
-        self._watched[cgid] = path
-        return self.limiter.label(path)
-
-    def cgroupfs_snapshot(self) -> dict[str, CgroupSnapshot]:
-        with self._lock:
-            return dict(self._snapshot)
-
-    # --- episodes -----------------------------------------------------------------
-
-    # episodes of cgroups created since the last walk wait for the next
-    # tick's walk instead of being dropped; bounded
-    MAX_PENDING = 10000
+    # --- episodes (main loop) -------------------------------------------------------
 
     def handle(self, episode, *, retry: bool = False) -> None:
         d = episode.to_json() if hasattr(episode, "to_json") else episode
-        if not retry:
-            self.counts.total_episodes += 1
-        cgid = d["cgroup_id"]
-        path = self.path_for(cgid)
+        with self._lock:
+            if not retry:
+                self._total += 1
+        path, label = self.watch.observe(d["cgroup_id"])
         if path is None:
-            if retry or len(self._unresolved) >= self.MAX_PENDING:
-                self.counts.unresolved += 1
+            if retry or len(self._pending) >= self.MAX_PENDING:
+                with self._lock:
+                    self._unresolved += 1
             else:
-                self._unresolved.append(d)
+                self._pending.append(d)
             return
-        if self.globs and not matches(path, self.globs):
-            return
-        self._watched[cgid] = path  # a single dict store: atomic for the scrape thread
-        label = self.limiter.label(path)
-        self.counts.episodes[(label, d["kind"])] += 1
+        if label is None:
+            return   # --cgroup does not watch it
+        with self._lock:
+            self._episodes[(label, d["kind"])] += 1
         d["cgroup"] = path
-        if self.checker is None:
-            return
-        result = self.checker.check(d)
-        if self.aggregate_checker is not None:
-            # what the replay implied (counter failures, events, kills) feeds
-            # the interval's aggregate check: each episode is replayed once
-            self.aggregate_checker.observe(result)
-        self._record(result, d)
+        if self.pipeline is not None:
+            self.pipeline.feed(d)
 
-    def _record(self, result, episode) -> None:
-        """Counts a check result and logs each divergence with its episode."""
-        for check, verdict in result.checks:
-            self.counts.checks[(check, verdict)] += 1
-        for div in result.divergences:
-            self.counts.divergences[(div.check, div.reason)] += 1
-            self.divergence_log.write({"type": "divergence", "check": div.check, "reason": div.reason,
-                                       "detail": div.detail, "kernel": self.kernel, "profile": self.profile,
-                                       "mode": self.mode, "time_unix": time.time(),
-                                       "episode": episode if episode is not None else div.episode})
+    def _log_divergence(self, div, episode) -> None:
+        self.divergence_log.write({"type": "divergence", "check": div.check, "reason": div.reason,
+                                   "detail": div.detail, "kernel": self.facts.kernel,
+                                   "profile": self.facts.profile, "mode": self.mode,
+                                   "time_unix": time.time(), "episode": episode})
 
-    # --- the periodic work -----------------------------------------------------------
+    # --- the periodic work (main loop) ------------------------------------------------
 
     def tick(self) -> None:
-        """cgroupfs gauges, aggregate checks, and forgetting removed cgroups."""
+        """Learn the cgroups the maps mention, read cgroupfs, run the
+        aggregate checks, forget removed and unwatched cgroups, publish."""
         self.last_tick = self.clock()
-        if self._unresolved:
-            pending, self._unresolved = self._unresolved, []
-            self.resolver.rescan()
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self.watch.resolver.rescan()
             for d in pending:
                 self.handle(d, retry=True)
-        with self._lock:
-            watched = dict(self._watched)
-        snapshot: dict[str, CgroupSnapshot] = {}
+        aggregates = self.aggregates()
+        if aggregates is not None:
+            for cgid in aggregates.cgroups:
+                self.watch.observe(cgid)
+        watched = self.watch.watched()
         raw: dict[str, CgroupSnapshot] = {}
         gone = []
         for cgid, path in watched.items():
-            snap = self._read_cgroupfs(path)
+            snap = self.reader.read(path)
             if snap is None:
                 gone.append((cgid, path))
-                continue
-            raw[path] = snap
-            label = self.limiter.label(path)
-            if label in snapshot and label != path:
-                merged = snapshot[label]  # "other": sums, not a single cgroup's numbers
-                merged.usage = (merged.usage or 0) + (snap.usage or 0)
-                merged.limit = None
-                for k, v in snap.failcnt.items():
-                    merged.failcnt[k] = merged.failcnt.get(k, 0) + v
-                for k, v in snap.events.items():
-                    merged.events[k] = merged.events.get(k, 0) + v
             else:
-                snapshot[label] = CgroupSnapshot(snap.usage, snap.limit, dict(snap.failcnt), dict(snap.events))
-        self._aggregate_checks(raw, watched)
-        now = self.clock()
-        for cgid, path in gone:
-            first = self._unseen_since.setdefault(cgid, now)
-            if now - first >= self.grace:
-                self.limiter.removed(path)
-                with self._lock:
-                    self._watched.pop(cgid, None)
-                self._unseen_since.pop(cgid, None)
-                prune = getattr(self.session, "forget_cgroup", None)
-                if prune:
-                    prune(cgid)
-        self.limiter.released()
+                raw[path] = snap
+        if self.pipeline is not None:
+            self.pipeline.check_aggregates(raw, {c: p for c, p in watched.items() if p in raw}, aggregates)
+        removed, released = self.watch.sweep(gone)
+        forget = {cgid for cgid, _ in removed} | self.watch.take_excluded()
+        if forget:
+            prune = getattr(self.session, "forget_cgroups", None)
+            if prune is not None:
+                self.pruned += prune(forget)
+        forget_tasks = getattr(self.session, "forget_tasks", None)
+        if forget_tasks is not None:
+            forget_tasks(self.task_alive)
+        labels = self.watch.publish()
+        by_label: dict[str, CgroupSnapshot] = {}
+        for cgid, path in self.watch.watched().items():
+            snap = raw.get(path)
+            if snap is None:
+                continue
+            label = labels[cgid]
+            if label in by_label and label != path:
+                merge(by_label[label], snap)
+            else:
+                by_label[label] = CgroupSnapshot(snap.usage, snap.limit, dict(snap.failcnt), dict(snap.events))
         with self._lock:
-            self._snapshot = snapshot
-            self._raw_snapshot = raw
-
-    def _aggregate_checks(self, raw: dict[str, CgroupSnapshot], watched: dict[int, str]) -> None:
-        if self.aggregate_checker is None or self.checker is None:
-            return
-        try:
-            # the interval's episodes were observed one by one in handle()
-            results = self.aggregate_checker.check(raw, watched, None, self.aggregates())
-        except Exception as e:  # a checker bug must not stop the collector; it is counted
-            log.warning("aggregate check failed: %s", e)
-            self.counts.checks[("aggregate", "error")] += 1
-            return
-        self._record(results, None)
-
-    def _read_cgroupfs(self, path: str) -> CgroupSnapshot | None:
-        base = os.path.join(self.mountpoint, path.lstrip("/"))
-
-        def read(name: str) -> str | None:
-            try:
-                with open(os.path.join(base, name)) as f:
-                    return f.read()
-            except OSError:
-                return None
-
-        if not os.path.isdir(base):
-            return None
-        snap = CgroupSnapshot()
-        if self.cgroup_version == 1:
-            usage, limit = read("memory.usage_in_bytes"), read("memory.limit_in_bytes")
-            snap.usage = float(usage) if usage else None
-            if limit:
-                snap.limit = float("inf") if int(limit) >= UNLIMITED_V1 else float(limit)
-            for counter, name in (("memory", "memory.failcnt"), ("memsw", "memory.memsw.failcnt")):
-                text = read(name)
-                if text:
-                    snap.failcnt[counter] = int(text)
-        else:
-            usage, limit = read("memory.current"), read("memory.max")
-            snap.usage = float(usage) if usage else None
-            if limit:
-                snap.limit = float("inf") if limit.strip() == "max" else float(limit)
-            text = read("memory.events.local") or ""
-            for line in text.splitlines():
-                parts = line.split()
-                if len(parts) == 2:
-                    snap.events[parts[0]] = int(parts[1])
-        return snap
+            if released:
+                gone_labels = set(released)
+                self._episodes = Counter({k: n for k, n in self._episodes.items() if k[0] not in gone_labels})
+            self._view = View(labels, by_label)
 
     # --- the loop -----------------------------------------------------------------
 
@@ -324,3 +238,8 @@ class Daemon:
                 self.tick()
         for episode in self.session.finish():
             self.handle(episode)
+
+
+def _tid_alive(tid: int) -> bool:
+    # a thread of any process: /proc/<tid> exists for every thread id
+    return os.path.exists(f"/proc/{tid}")

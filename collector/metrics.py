@@ -1,11 +1,12 @@
 """Prometheus metrics, built at scrape time.
 
 `MemcgCollector.collect()` reads the in-kernel BPF maps (through the probe
-session's `aggregates()`), the collector's own episode/check counters and
-the cgroupfs snapshot, and builds fresh metric families: no second copy of
-the kernel's counters is kept. Cgroup ids become paths (CgroupResolver),
-pass the --cgroup filter and the --max-cgroups limiter, and series mapped
-to the same label ("other") are summed.
+session's lock), copies of the daemon's and the check pipeline's counters
+and the cgroupfs snapshot the daemon published at its last tick, and
+builds fresh metric families: no second copy of the kernel's counters is
+kept, and a scrape changes no state. Cgroup ids become labels through the
+published id -> label map (the watch list; --cgroup and --max-cgroups
+applied there); series mapped to the same label ("other") are summed.
 """
 
 from __future__ import annotations
@@ -14,16 +15,22 @@ from collections import defaultdict
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-__all__ = ["MemcgCollector", "log2_histogram", "ERRNO_NAMES"]
+from memcgscope.probes.program import HIST_SLOTS
+
+__all__ = ["MemcgCollector", "log2_histogram", "ERRNO_NAMES", "BUCKET_BOUND_EXPONENTS"]
 
 ERRNO_NAMES = {0: "ok", -1: "EPERM", -4: "EINTR", -12: "ENOMEM", -16: "EBUSY", -22: "EINVAL", -11: "EAGAIN",
                -28: "ENOSPC", -13: "EACCES"}
-HIST_SLOTS = 32
 
 
 # Bucket bounds: every other power of two from ~1 µs to ~17 s, so a
-# histogram series costs 13 buckets, not the kernel's 32 log2 slots.
+# histogram series costs 13 buckets, not the kernel's log2 slots.
 BUCKET_BOUND_EXPONENTS = tuple(range(10, 35, 2))
+# The BPF side clamps durations into its last slot: a bound at or above it
+# would count values above the bound under it.
+if max(BUCKET_BOUND_EXPONENTS) >= HIST_SLOTS - 1:
+    raise ImportError(f"histogram bound 2^{max(BUCKET_BOUND_EXPONENTS)} ns is not below the BPF side's "
+                      f"last log2 slot ({HIST_SLOTS - 1}); raise probes.program.HIST_SLOTS")
 
 
 def log2_histogram(slots: dict[int, int], scale: float = 1e-9) -> list[tuple[str, float]]:
@@ -100,14 +107,15 @@ class MemcgCollector:
                                           "memcg:mod_memcg_state / mod_memcg_lruvec_state calls by item (6.13+).",
                                           labels=["cgroup", "item"])
         agg = d.aggregates()
+        labels = d.view().labels
         if agg is not None:
             sums: dict = defaultdict(lambda: defaultdict(float))
             hists: dict = defaultdict(lambda: defaultdict(int))
             hist_sums: dict = defaultdict(float)
             for cgid, a in agg.cgroups.items():
-                label = d.label_for(cgid)
+                label = labels.get(cgid)
                 if label is None:
-                    continue
+                    continue   # not watched (--cgroup), or first seen after the last tick
                 c = a.charges
                 if c:
                     for f in ("calls", "pages", "slow"):
@@ -191,18 +199,23 @@ class MemcgCollector:
     def _episodes(self, d):
         episodes = CounterMetricFamily("memcgscope_episodes", "Slow-path episodes received from the kernel.",
                                        labels=["cgroup", "kind"])
-        for (label, kind), n in d.counts.episodes.items():
+        for (label, kind), n in d.episode_counts().items():
             episodes.add_metric([label, kind], n)
+        counts = d.check_counts()
         checks = CounterMetricFamily("memcgscope_model_checks", "Episodes and aggregates checked against the model.",
                                      labels=["check", "verdict"])
-        for (check, verdict), n in d.counts.checks.items():
+        for (check, verdict), n in counts.checks.items():
             checks.add_metric([check, verdict], n)
         divergences = CounterMetricFamily("memcgscope_divergences",
                                           "Kernel behaviour the model of this kernel does not allow.",
                                           labels=["check", "reason"])
-        for (check, reason), n in d.counts.divergences.items():
+        for (check, reason), n in counts.divergences.items():
             divergences.add_metric([check, reason], n)
-        yield from (episodes, checks, divergences)
+        errors = CounterMetricFamily("memcgscope_replay_errors",
+                                     "Episodes whose replay raised inside memcgscope (a bug of ours; each is "
+                                     "also a replay_error divergence).")
+        errors.add_metric([], counts.replay_errors)
+        yield from (episodes, checks, divergences, errors)
 
     # --- cgroupfs -----------------------------------------------------------
 
@@ -217,7 +230,7 @@ class MemcgCollector:
                                       labels=["cgroup", "counter"])
         events = CounterMetricFamily("memcgscope_cgroup_memory_events", "v2 memory.events.local by event.",
                                      labels=["cgroup", "event"])
-        for label, snap in d.cgroupfs_snapshot().items():
+        for label, snap in d.view().cgroupfs.items():
             if snap.usage is not None:
                 usage.add_metric([label], snap.usage)
             if snap.limit is not None:
@@ -231,28 +244,46 @@ class MemcgCollector:
     # --- the exporter itself --------------------------------------------------
 
     def _self(self, d):
-        info = GaugeMetricFamily("memcgscope_build_info", "Version, kernel, probe mode and model profile.",
-                                 labels=["version", "kernel", "mode", "profile", "cgroup_version"])
-        info.add_metric([d.version, d.kernel, d.mode or "", d.profile or "", d.cgroup_version_name], 1)
+        f, s = d.facts, d.session
+        info = GaugeMetricFamily("memcgscope_build_info",
+                                 "Version, kernel, probe mode and model profile; profile_exact is false when no "
+                                 "profile covers this kernel and the nearest older one is used.",
+                                 labels=["version", "kernel", "upstream", "mode", "profile", "profile_exact",
+                                         "cgroup_version"])
+        info.add_metric([f.version, f.kernel, f.upstream or "", d.mode or "", f.profile or "",
+                         "true" if f.profile_exact else "false", f"v{f.cgroup_version}"], 1)
         attached = GaugeMetricFamily("memcgscope_probe_attached", "1 when the probe is attached, 0 when it is off.",
                                      labels=["role", "target", "kind"])
-        for p in d.probe_status():
+        for p in s.status():
             attached.add_metric([p.role, p.target, p.kind], 1 if p.attached else 0)
         lost = CounterMetricFamily("memcgscope_events_lost", "Events dropped because the ring buffer was full.",
                                    labels=["cpu"])
-        for cpu, n in enumerate(d.lost()):
+        for cpu, n in enumerate(s.lost()):
             lost.add_metric([str(cpu)], n)
         run_time = CounterMetricFamily("memcgscope_bpf_run_seconds",
                                        "Time the kernel spent in each BPF program (kernel.bpf_stats_enabled).",
                                        labels=["program"])
         run_count = CounterMetricFamily("memcgscope_bpf_runs", "Runs of each BPF program.", labels=["program"])
-        for name, (ns, count) in d.bpf_program_stats().items():
+        stats = getattr(s, "program_stats", None)
+        for name, (ns, count) in (stats() if stats else {}).items():
             run_time.add_metric([name], ns / 1e9)
             run_count.add_metric([name], count)
         ctx_lost = CounterMetricFamily("memcgscope_charge_contexts_lost",
                                        "Charges not counted: preempted mid-charge, their per-CPU context was reused.")
-        ctx_lost.add_metric([], d.contexts_lost())
+        counter = getattr(s, "contexts_lost", None)
+        ctx_lost.add_metric([], counter() if counter else 0)
+        map_full = CounterMetricFamily("memcgscope_map_full_drops",
+                                       "Updates the BPF side dropped because a map was full (raise --max-cgroups "
+                                       "or narrow --cgroup).", labels=["map"])
+        full = getattr(s, "map_full", None)
+        for name, n in (full() if full else {}).items():
+            map_full.add_metric([name], n)
+        stale = CounterMetricFamily("memcgscope_charge_contexts_reset",
+                                    "Per-task charge contexts found stale (their return was never seen: a "
+                                    "kretprobe missed for lack of instances) and started afresh.")
+        reset = getattr(s, "contexts_reset", None)
+        stale.add_metric([], reset() if reset else 0)
         dropped = CounterMetricFamily("memcgscope_unresolved_cgroup_events",
                                       "Episodes whose cgroup id resolved to no path (removed cgroups).")
-        dropped.add_metric([], d.counts.unresolved)
-        yield from (info, attached, lost, ctx_lost, run_time, run_count, dropped)
+        dropped.add_metric([], d.unresolved())
+        yield from (info, attached, lost, ctx_lost, map_full, stale, run_time, run_count, dropped)

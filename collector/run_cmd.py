@@ -51,7 +51,21 @@ def add_parser(sub) -> None:
     p.add_argument("--memcg-state", action="store_true",
                    help="also count memcg:mod_memcg_lruvec_state (6.13+); it fires several times per page fault")
     p.add_argument("--ringbuf-pages", type=int, default=256, metavar="N", help="ring buffer size in pages (default 256)")
+    p.add_argument("--ebpf", action="store_true", help="print the BPF program this kernel gets, and exit")
     p.set_defaults(func=run)
+
+
+def print_ebpf(session, out=sys.stdout) -> None:
+    """The generated BPF C and the flags it is compiled with (bcc tools'
+    --ebpf): what would be loaded on this kernel, in this mode."""
+    program = session.build(check_fentry=False)
+    out.write(f"// memcgscope: mode {program.mode}; compiled with:\n")
+    for flag in program.cflags:
+        out.write(f"//   {flag}\n")
+    for p in program.probes:
+        out.write(f"// probe {p.role} {p.target} ({p.kind}): "
+                  f"{'attached' if p.attached else 'off'}{': ' + p.reason if p.reason else ''}\n")
+    out.write(program.text)
 
 
 def _fail(msg: str, code: int = 1) -> int:
@@ -64,9 +78,14 @@ def run(args) -> int:
     from memcgscope.probes.session import Session, SessionError
     from prometheus_client import CollectorRegistry
 
+    from memcgscope.model.profiles import resolve_profile
+
+    from .cgroupfs import CgroupfsReader
     from .cgroups import CgroupError, resolver_for
-    from .daemon import Daemon, DivergenceLog, profile_for_kernel
+    from .daemon import Daemon, DivergenceLog, Facts
     from .metrics import MemcgCollector
+    from .pipeline import CheckPipeline
+    from .watch import WatchList
     from .web import ListenError, WebConfigError, load_web_config, parse_listen, serve
 
     logging.basicConfig(level=logging.WARNING, format="memcgscope run: %(message)s")
@@ -79,11 +98,16 @@ def run(args) -> int:
     if args.max_cgroups < 0 or args.interval <= 0 or args.ringbuf_pages <= 0 or args.ringbuf_pages & (args.ringbuf_pages - 1):
         return _fail("--max-cgroups must be ≥ 0, --interval > 0, --ringbuf-pages a power of two", 2)
     if args.profile:
-        from memcgscope.model.profiles import get_profile
         try:
-            get_profile(args.profile)
+            resolve_profile("", override=args.profile)
         except ValueError as e:
             return _fail(f"--profile: {e}", 2)
+    if args.ebpf:
+        try:
+            print_ebpf(Session(args.mode, memcg_state=args.memcg_state, ringbuf_pages=args.ringbuf_pages))
+        except SessionError as e:
+            return _fail(str(e))
+        return 0
     if os.geteuid() != 0:
         return _fail("needs root (it loads BPF programs); run it as root, or 'memcgscope doctor' to see what works")
     try:
@@ -108,27 +132,32 @@ def run(args) -> int:
             return _fail(str(e))
         report = session.report
         kernel = report.kernel
-        if args.profile:
-            profile, warning = args.profile, None
-        else:
-            profile, warning = profile_for_kernel(kernel)
-        if warning:
-            print(f"memcgscope run: {warning}", file=sys.stderr)
-        checker, aggregate_checker = _checkers(profile, hierarchy.version, session, resolver)
+        try:
+            resolution = resolve_profile(kernel, report.kernel_version, signature=report.version_signature,
+                                         override=args.profile)
+        except ValueError as e:
+            return _fail(f"kernel {kernel}: {e}")
+        profile = resolution.profile.name
+        if resolution.warning:
+            print(f"memcgscope run: {resolution.warning}", file=sys.stderr)
         try:
             divergence_log = DivergenceLog(args.divergence_log or None)
         except OSError as e:
             return _fail(f"--divergence-log {args.divergence_log}: {e.strerror}; give a writable path or ''")
-        daemon = Daemon(session, resolver=resolver, cgroup_version=hierarchy.version,
-                        mountpoint=hierarchy.mountpoint, globs=args.cgroup, max_cgroups=args.max_cgroups,
-                        grace=args.grace, checker=checker, aggregate_checker=aggregate_checker,
-                        divergence_log=divergence_log, interval=args.interval, profile=profile,
-                        kernel=kernel, version=__version__)
+        cgroup = f"v{hierarchy.version}"
+        pipeline = CheckPipeline(resolution.profile, cgroup, session.assembler.memsw, session.visibility(),
+                                 ancestors=resolver.ancestors)
+        watch = WatchList(resolver, globs=args.cgroup, max_cgroups=args.max_cgroups, grace=args.grace)
+        daemon = Daemon(session, watch=watch, reader=CgroupfsReader(resolver.mountpoint, hierarchy.version),
+                        pipeline=pipeline, divergence_log=divergence_log, interval=args.interval,
+                        facts=Facts(version=__version__, kernel=kernel, upstream=resolution.upstream,
+                                    profile=profile, profile_exact=resolution.exact,
+                                    cgroup_version=hierarchy.version))
         registry = CollectorRegistry()
         registry.register(MemcgCollector(daemon))
         attached = [p for p in session.status() if p.attached]
         off = [p for p in session.status() if not p.attached]
-        facts = {"mode": session.mode, "kernel": kernel, "model profile": profile,
+        facts = {"mode": session.mode, "kernel": kernel, "model profile": f"{profile}: {resolution.reason}",
                  "cgroup": f"v{hierarchy.version} at {hierarchy.mountpoint}",
                  "probes attached": [f"{p.target} ({p.kind})" for p in attached],
                  "probes off": [f"{p.target}: {p.reason}" for p in off] or "none",
@@ -159,17 +188,6 @@ def run(args) -> int:
         _restore_bpf_stats(stats_before)
         for s, h in old_handlers.items():
             signal.signal(s, h)
-
-
-def _checkers(profile: str, version: int, session, resolver):
-    """The per-episode and aggregate checkers for this kernel's profile,
-    told what the attached probes can see."""
-    from .crosscheck import AggregateChecker, CrossChecker
-    cgroup, memsw = f"v{version}", session.assembler.memsw
-    checker = CrossChecker(profile, cgroup, memsw, ancestors=resolver.ancestors,
-                           drains_visible=session.drains_visible(),
-                           forced_charges_visible=session.forced_charges_visible())
-    return checker, AggregateChecker(profile, cgroup, memsw)
 
 
 def _enable_bpf_stats() -> str | None:

@@ -305,8 +305,18 @@ def build() -> dict:
     b.add(timeseries("Unresolved cgroup events /s", "Episodes whose cgroup id resolved to no path (the "
                      "cgroup was removed before it was seen); they are not counted per cgroup.",
                      [(rate("memcgscope_unresolved_cgroup_events_total", SEL, "instance"), "{{instance}}"),
-                      (rate("memcgscope_charge_contexts_lost_total", SEL, "instance"), "{{instance}} charges lost")],
+                      (rate("memcgscope_charge_contexts_lost_total", SEL, "instance"), "{{instance}} charges lost"),
+                      (rate("memcgscope_charge_contexts_reset_total", SEL, "instance"),
+                       "{{instance}} stale contexts reset")],
                      "ops"), 8, 8)
+    b.add(timeseries("BPF map full drops /s", "Updates the BPF side dropped because a map was full: per-cgroup "
+                     "statistics of new cgroups are then missing. Raise the map size or narrow --cgroup.",
+                     [(rate("memcgscope_map_full_drops_total", SEL, "instance, map"), "{{instance}} {{map}}")],
+                     "ops"), 8, 8)
+    b.add(timeseries("Replay errors /s", "Episodes whose model replay raised inside memcgscope: a bug of "
+                     "ours, never of the kernel (each is also a replay_error divergence). Please report it "
+                     "with the divergence log.",
+                     [(rate("memcgscope_replay_errors_total", SEL, "instance"), "{{instance}}")], "ops"), 8, 8)
 
     def var(name, label, query, *, include_all=True, multi=True):
         return {"name": name, "label": label, "type": "query", "datasource": DS,

@@ -29,10 +29,14 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from memcgscope.collector.crosscheck import CrossChecker
+from memcgscope.collector.cgroupfs import CgroupfsReader
 from memcgscope.collector.daemon import Daemon
 from memcgscope.collector.metrics import MemcgCollector
-from memcgscope.probes.episodes import EV, EpisodeAssembler, RawEvent, decode_bytes
+from memcgscope.collector.pipeline import CheckPipeline
+from memcgscope.collector.replay_cmd import profile_of
+from memcgscope.collector.watch import WatchList
+from memcgscope.probes.assembly import EpisodeAssembler
+from memcgscope.probes.episodes import EV, RawEvent, decode_bytes, load_recording
 from memcgscope.probes.session import Aggregates
 
 RECORDINGS = Path(__file__).resolve().parents[1] / "unit" / "data" / "recordings"
@@ -122,16 +126,15 @@ class _Session:
 def ingest(count: int, short: bool = False) -> dict:
     results = {}
     for path in sorted(RECORDINGS.glob("*.jsonl")):
-        lines = path.read_text().splitlines()
-        header = json.loads(lines[0])
-        eps = [json.loads(x) for x in lines[1:]]
-        eps = [e for e in eps if e.get("type") == "episode" and e["kind"] in ("charge", "limit_write")
+        rec = load_recording(str(path))
+        header = rec.header
+        eps = [e for _, e in rec.episodes if e["kind"] in ("charge", "limit_write")
                and (not short or len(e["steps"]) <= 6)]
         streams = [to_raw_events(e) for e in eps]
-        cg = "v1" if header["cgroup"]["v1_memory"] else "v2"
-        daemon = Daemon(_Session(), resolver=_Resolver(), cgroup_version=int(cg[1]), mountpoint="/nonexistent",
-                        checker=CrossChecker(header["kernel"], cg, header["memsw"]), interval=1e9,
-                        max_cgroups=1000)
+        cg = rec.cgroup
+        pipeline = CheckPipeline(profile_of(rec, None).profile, cg, rec.memsw, rec.visibility)
+        daemon = Daemon(_Session(), watch=WatchList(_Resolver(), max_cgroups=1000),
+                        reader=CgroupfsReader("/nonexistent", int(cg[1])), pipeline=pipeline, interval=1e9)
         registry = CollectorRegistry()
         registry.register(MemcgCollector(daemon))
         assembler = EpisodeAssembler(memsw=header["memsw"])
@@ -147,9 +150,9 @@ def ingest(count: int, short: bool = False) -> dict:
                         generate_latest(registry)
             i += 1
         took = time.process_time() - start
-        checks = sum(daemon.counts.checks.values())
-        results[path.stem] = {"episodes": done, "seconds": took, "per_second": done / took, "checks": checks,
-                              "divergences": sum(daemon.counts.divergences.values())}
+        counts = daemon.check_counts()
+        results[path.stem] = {"episodes": done, "seconds": took, "per_second": done / took,
+                              "checks": sum(counts.checks.values()), "divergences": counts.total_divergences}
     return results
 
 

@@ -26,7 +26,7 @@ SCRAPE = GRAFANA / "prometheus" / "scrape.yml"
 PROMTOOL = "/usr/bin/promtool"
 DS_UID = "${DS_PROMETHEUS}"
 
-ALERTS = {"MemcgscopeModelDivergence", "MemcgscopeEventsLost", "MemcgscopeProbeDetached",
+ALERTS = {"MemcgscopeModelDivergence", "MemcgscopeEventsLost", "MemcgscopeMapFull", "MemcgscopeProbeDetached",
           "MemcgscopeChargeFailures", "MemcgscopeOOMKills", "MemcgscopeReclaimStall"}
 # series Prometheus itself adds to every scrape
 SYNTHETIC = {"up", "scrape_duration_seconds", "scrape_samples_scraped", "scrape_samples_post_metric_relabeling",

@@ -23,10 +23,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from memcgscope.collector.cgroupfs import CgroupfsReader  # noqa: E402
 from memcgscope.collector.cgroups import resolver_for  # noqa: E402
-from memcgscope.collector.crosscheck import AggregateChecker, CrossChecker  # noqa: E402
-from memcgscope.collector.daemon import Daemon, DivergenceLog, profile_for_kernel  # noqa: E402
+from memcgscope.collector.daemon import Daemon, DivergenceLog, Facts  # noqa: E402
+from memcgscope.collector.pipeline import CheckPipeline  # noqa: E402
 from memcgscope.collector.scratch import ScratchCgroup, own_memory_cgroup_dir  # noqa: E402
+from memcgscope.collector.watch import WatchList  # noqa: E402
+from memcgscope.model.profiles import resolve_profile  # noqa: E402
 from memcgscope.probes.session import Session  # noqa: E402
 
 PY = sys.executable
@@ -104,8 +107,8 @@ def disk_backed_dir() -> str:
 def watch(cg):
     """Makes the collector watch a new scratch cgroup and take its cgroupfs
     baseline, so the next tick checks the workload's deltas."""
-    DAEMON.resolver.rescan()
-    DAEMON.label_for(cg.inode)
+    DAEMON.watch.resolver.rescan()
+    DAEMON.watch.observe(cg.inode)
     DAEMON.tick()
 
 
@@ -124,17 +127,23 @@ def main() -> int:
         result["mode"] = s.mode
         result["probes"] = [p.__dict__ for p in s.status()]
         hierarchy, resolver = resolver_for()
-        profile, _ = profile_for_kernel(s.report.kernel)
+        # the one resolver run uses (uname -v carries Debian 5.10's real version)
+        resolution = resolve_profile(s.report.kernel, s.report.kernel_version,
+                                     signature=s.report.version_signature)
+        profile = resolution.profile.name
         cgroup = f"v{hierarchy.version}"
         div_path = os.path.join(os.path.dirname(os.path.abspath(out_path)), "divergences.jsonl")
-        DAEMON = Daemon(s, resolver=resolver, cgroup_version=hierarchy.version, mountpoint=hierarchy.mountpoint,
-                        checker=CrossChecker(profile, cgroup, s.assembler.memsw, ancestors=resolver.ancestors,
-                                             drains_visible=s.drains_visible(),
-                                             forced_charges_visible=s.forced_charges_visible()),
-                        aggregate_checker=AggregateChecker(profile, cgroup, s.assembler.memsw),
-                        divergence_log=DivergenceLog(div_path), interval=1e9, profile=profile,
-                        kernel=s.report.kernel)
+        DAEMON = Daemon(s, watch=WatchList(resolver), reader=CgroupfsReader(resolver.mountpoint, hierarchy.version),
+                        pipeline=CheckPipeline(resolution.profile, cgroup, s.assembler.memsw, s.visibility(),
+                                               ancestors=resolver.ancestors),
+                        divergence_log=DivergenceLog(div_path), interval=1e9,
+                        facts=Facts(kernel=s.report.kernel, upstream=resolution.upstream, profile=profile,
+                                    profile_exact=resolution.exact, cgroup_version=hierarchy.version))
         result["profile"] = profile
+        result["profile_reason"] = resolution.reason
+        result["kernel"] = s.report.kernel
+        result["kernel_version"] = s.report.kernel_version
+        result["upstream"] = resolution.upstream
 
         # thp: anon beyond the limit, huge pages first
         with ScratchCgroup("thp", "32M") as cg:
@@ -202,9 +211,9 @@ def main() -> int:
             episodes.append(ep)
             DAEMON.handle(ep)
         DAEMON.divergence_log.close()
-        c = DAEMON.counts
+        c = DAEMON.check_counts()
         result["crosscheck"] = {
-            "episodes": c.total_episodes, "unresolved": c.unresolved,
+            "episodes": DAEMON.total_episodes(), "unresolved": DAEMON.unresolved(),
             "checks": {f"{check}:{verdict}": n for (check, verdict), n in c.checks.items()},
             "divergences": {f"{check}:{reason}": n for (check, reason), n in c.divergences.items()},
             "records": [json.loads(line) for line in open(div_path)][:20] if os.path.exists(div_path) else []}

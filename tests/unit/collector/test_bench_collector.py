@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from memcgscope.probes.episodes import EpisodeAssembler, decode_bytes
+from memcgscope.probes.assembly import EpisodeAssembler
+from memcgscope.probes.episodes import decode_bytes
 
 pytestmark = pytest.mark.unit
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))

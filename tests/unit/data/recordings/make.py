@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Turn a VM probe artifact (/tmp/memcgscope-artifacts/probes-<guest>-<mode>.json:
-{"episodes": [...], "probes": [...], "version": "v1"|"v2", "mode", "lost", ...})
-into a recording in the memcgscope.episodes/1 format (JSON lines: header,
-episodes, lost lines, trailer), small enough to commit.
+{"episodes": [...], "probes": [...], "version": "v1"|"v2", "mode", "lost",
+"kernel", "kernel_version", "profile", ...}) into a recording (written
+with the contract's RecordingWriter: header, episodes, lost lines,
+trailer), small enough to commit.
 
     make.py ARTIFACT [--kernel RELEASE] [--per-shape N] [--out FILE]
 
@@ -19,10 +20,15 @@ the aggregate checks can be tested against the real counters.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import re
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[4]))
+
+from memcgscope.probes.episodes import RecordingWriter, make_header  # noqa: E402
 
 
 def shape(ep):
@@ -39,23 +45,23 @@ def kernel_of(artifact: Path, guest: str) -> str | None:
     return None
 
 
-def convert(artifact: Path, kernel: str | None, per_shape: int) -> list[dict]:
+def convert(artifact: Path, kernel: str | None, per_shape: int) -> str:
     data = json.loads(artifact.read_text())
     m = re.match(r"probes-(.+)-(kprobe|fentry|tracepoint)\.json$", artifact.name)
     guest = m.group(1) if m else artifact.stem
-    kernel = kernel or kernel_of(artifact, guest)
+    kernel = kernel or data.get("kernel") or kernel_of(artifact, guest)
     if not kernel:
         raise SystemExit(f"{artifact}: no kernel release; pass --kernel or put doctor-{guest}.txt next to it")
     version = data["version"]
     eps = data["episodes"]
     memsw = any("memsw_usage" in (e.get("entry") or e.get("exit") or {}) for e in eps)
-    header = {"type": "header", "schema": "memcgscope.episodes/1", "memcgscope": "0.1.0",
-              "kernel": kernel, "machine": "x86_64", "hostname": guest, "mode": data.get("mode"),
-              "cgroup": {"v1_memory": "/run/memcg-v1" if version == "v1" else None,
-                         "v2_mount": "/sys/fs/cgroup", "v2_memory": version == "v2",
-                         "swap_accounting": memsw},
-              "memsw": memsw, "page_size": 4096, "started_unix": 0.0,
-              "probes": data.get("probes", []), "source": artifact.name}
+    header = make_header(
+        kernel=kernel, kernel_version=data.get("kernel_version"), upstream=data.get("upstream"),
+        profile=data.get("profile"), profile_reason=data.get("profile_reason"), mode=data.get("mode"),
+        cgroup={"v1_memory": "/run/memcg-v1" if version == "v1" else None, "v2_mount": "/sys/fs/cgroup",
+                "v2_memory": version == "v2", "swap_accounting": memsw},
+        memsw=memsw, probes=data.get("probes", []), memcgscope="0.1.0", machine="x86_64", hostname=guest,
+        source=artifact.name)
     workloads = data.get("workloads") or {}
     whole = {w["cgroup_id"] for w in workloads.values()
              if isinstance(w, dict) and (w.get("events") or w.get("failcnt_delta") is not None)}
@@ -67,15 +73,13 @@ def convert(artifact: Path, kernel: str | None, per_shape: int) -> list[dict]:
             e = dict(e, steps=[{f: v for f, v in st.items() if f not in ("ts_ns", "duration_ns")}
                                for st in e.get("steps") or ()])
             kept.append(e)
-    out = [header] + kept
-    lost = data.get("lost") or []
-    for cpu, n in enumerate(lost):
-        if n:
-            out.append({"type": "lost", "cpu": cpu, "events": n})
-    out.append({"type": "trailer", "episodes": len(kept), "lost_events": sum(lost),
-                "orphan_events": data.get("orphans", 0), "events": None, "ended_unix": 0.0,
-                "episodes_in_artifact": len(eps), "workloads": workloads})
-    return out
+    buf = io.StringIO()
+    w = RecordingWriter(buf, header)
+    for e in kept:
+        w.episode(e)
+    w.finish(data.get("lost") or [], orphans=data.get("orphans", 0), events=None,
+             episodes_in_artifact=len(eps), workloads=workloads)
+    return buf.getvalue()
 
 
 def main(argv=None) -> int:
@@ -85,10 +89,10 @@ def main(argv=None) -> int:
     ap.add_argument("--per-shape", type=int, default=8)
     ap.add_argument("--out", type=Path, help="default: <guest>-<mode>.jsonl next to this script")
     a = ap.parse_args(argv)
-    lines = convert(a.artifact, a.kernel, a.per_shape)
+    text = convert(a.artifact, a.kernel, a.per_shape)
     out = a.out or Path(__file__).with_name(a.artifact.name.removeprefix("probes-").removesuffix(".json") + ".jsonl")
-    out.write_text("".join(json.dumps(x, separators=(",", ":")) + "\n" for x in lines))
-    print(f"{out}: {len(lines) - 2} episodes, {out.stat().st_size} bytes", file=sys.stderr)
+    out.write_text(text)
+    print(f"{out}: {text.count(chr(10)) - 2} episodes, {out.stat().st_size} bytes", file=sys.stderr)
     return 0
 
 
