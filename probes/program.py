@@ -149,7 +149,8 @@ def kernel_offsets(btf: BTF, memsw: bool) -> dict[str, int]:
         "OFF_MEMCG_CSS_CGROUP": _offset(btf, "mem_cgroup", "css.cgroup"),
         "OFF_CGROUP_KN": _offset(btf, "cgroup", "kn"),
         "OFF_KN_ID": _offset(btf, "kernfs_node", "id"),
-        # renamed __parent in 6.14 (RCU-annotated)
+        # renamed __parent (RCU-annotated) in v6.15: include/linux/kernfs.h struct
+        # kernfs_node, commit "kernfs: Use RCU to access kernfs_node::parent."
         "OFF_KN_PARENT": _offset(btf, "kernfs_node", "parent", "__parent"),
         "OFF_OF_KN": _offset(btf, "kernfs_open_file", "kn"),
         "OFF_MEMCG_MEMORY": _offset(btf, "mem_cgroup", "memory"),

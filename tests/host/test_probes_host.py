@@ -174,3 +174,35 @@ def test_perf_buffer_path_delivers_the_same_episodes(tmp_path):
             os.unlink(target)
     mine = [e for e in episodes if e.kind == "reclaim" and e.cgroup_id == cg.inode]
     assert mine and sum(e.ret for e in mine) == freed
+
+
+def test_pause_detaches_every_program(tmp_path):
+    """Review bug: Session.pause() (the benchmarks' "bare" rounds) left the
+    memcg:* raw tracepoints attached, so bare rounds still ran BPF on every
+    page fault and the overhead was understated. Paused, no program of ours
+    runs while a workload faults; resumed, they run again."""
+    stats = "/proc/sys/kernel/bpf_stats_enabled"
+    with open(stats) as f:
+        before = f.read().strip()
+    with open(stats, "w") as f:
+        f.write("1")
+    try:
+        with Session("tracepoint") as s, ScratchCgroup("pause", "64M") as cg:
+            assert any(p.kind == "tracepoint" and p.target.startswith("memcg:") and p.attached
+                       for p in s.status()), "this host's kernel has the memcg:* tracepoints (6.13+)"
+            touch = [sys.executable, "-c", "b = bytearray(32 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1"]
+
+            def runs() -> int:
+                return sum(count for _ns, count in s.program_stats().values())
+
+            s.pause()
+            r0 = runs()
+            assert cg.run(touch).returncode == 0
+            assert runs() == r0, "a paused session still ran BPF programs"
+            s.resume()
+            r1 = runs()
+            assert cg.run(touch).returncode == 0
+            assert runs() > r1
+    finally:
+        with open(stats, "w") as f:
+            f.write(before)
