@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge
 
 from memcgscope import __version__
-from memcgscope.collector import web
+from memcgscope.collector.web import auth as web_auth
 from memcgscope.collector.web import ListenError, parse_web_config, serve
 
 pytestmark = pytest.mark.unit
@@ -203,7 +203,7 @@ def test_basic_auth(start, user_hash, monkeypatch):
     s = start(web_config=parse_web_config(f"basic_auth_users:\n  {user}: '{hashed}'\n"))
     calls = []
     real = bcrypt.checkpw
-    monkeypatch.setattr(web.bcrypt, "checkpw", lambda pw, h: calls.append(h) or real(pw, h))
+    monkeypatch.setattr(web_auth.bcrypt, "checkpw", lambda pw, h: calls.append(h) or real(pw, h))
 
     for headers in ({}, basic(user, "wrong"), basic("nobody", password), {"Authorization": "Basic !!notbase64"},
                     {"Authorization": "Bearer abc"}, {"Authorization": "Basic " + base64.b64encode(b"nocolon").decode()}):
