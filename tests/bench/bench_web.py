@@ -42,6 +42,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -261,7 +262,8 @@ def run(scrapers: int = 32, idle: int = 300, seconds: float = 15.0, web: str = "
     cmd = [sys.executable, os.path.abspath(__file__), "--serve", "--web", f"x={web}"]
     if request_timeout is not None:
         cmd += ["--request-timeout", str(request_timeout)]
-    child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    log = tempfile.TemporaryFile("w+")  # the server's stderr: tracebacks, warnings
+    child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         sel = selectors.DefaultSelector()
         sel.register(child.stdout, selectors.EVENT_READ)
@@ -269,13 +271,21 @@ def run(scrapers: int = 32, idle: int = 300, seconds: float = 15.0, web: str = "
             raise RuntimeError("bench_web: the server child printed no port within 30 s")
         line = child.stdout.readline()
         if not line.strip().isdigit():
-            raise RuntimeError(f"bench_web: the server child ({' '.join(cmd)}) failed to start; see its error above")
+            child.wait(10)
+            log.seek(0)
+            raise RuntimeError(f"bench_web: the server child ({' '.join(cmd)}) failed to start: {log.read().strip()}")
         port = int(line)
-        return _load(port, scrapers, idle, seconds, cut_wait, out) | {"exit_code": _stop_child(child)}
+        figures = _load(port, scrapers, idle, seconds, cut_wait, out) | {"exit_code": _stop_child(child)}
     finally:
         if child.poll() is None:
             child.kill()
             child.wait()
+        log.seek(0)
+        stderr = log.read()
+        log.close()
+        if stderr:
+            out(f"bench_web: the server wrote to stderr:\n{stderr.rstrip()}")
+    return figures | {"server_stderr": stderr}
 
 
 def _stop_child(child: subprocess.Popen) -> int | None:
@@ -362,7 +372,8 @@ def main(argv=None) -> int:
         print(f"bench_web: {label} ({path or 'memcgscope.collector.web'})", flush=True)
         results[label] = run(args.scrapers, args.idle, args.seconds, path, args.cut_wait, args.request_timeout)
     if len(results) > 1:
-        keys = [k for k in next(iter(results.values())) if k not in ("error_kinds", "idle_connect_errors")]
+        keys = [k for k in next(iter(results.values()))
+                if k not in ("error_kinds", "idle_connect_errors", "server_stderr")]
         print(f"{'':24}" + "".join(f"{label:>14}" for label in results))
         for k in keys:
             print(f"{k:24}" + "".join(f"{str(r[k]):>14}" for r in results.values()))

@@ -6,6 +6,7 @@ buffer. 127.0.0.1, port 0, raw sockets."""
 from __future__ import annotations
 
 import http.client
+import os
 import shutil
 import socket
 import ssl
@@ -325,3 +326,44 @@ def test_limits_are_checked():
         Limits(workers=0)
     with pytest.raises(ValueError, match=r"^Limits.request_timeout: -1; give a number of seconds > 0$"):
         Limits(request_timeout=-1)
+
+
+# --- shutdown -------------------------------------------------------------------------------
+
+def test_shutdown_cuts_connections_in_every_state_and_leaves_nothing_behind(start, clients, certs):
+    release = threading.Event()
+
+    class Slow:
+        def collect(self):
+            release.wait(10)
+            yield GaugeMetricFamily("memcgscope_slow", "A slow collector.", value=1)
+
+    reg = CollectorRegistry()
+    reg.register(Slow())
+    fds_before = len(os.listdir("/proc/self/fd"))
+    s = serve("127.0.0.1:0", reg)
+    tls = serve("127.0.0.1:0", reg, web_config=parse_web_config(
+        f"tls_server_config:\n  cert_file: {certs.server_cert}\n  key_file: {certs.server_key}\n"))
+    rendering = clients(s.port, GET)  # a worker is answering it
+    waiting = [clients(s.port), clients(s.port, HALF), clients(tls.port), clients(tls.port, b"\x16\x03\x01")]
+    kept = http.client.HTTPSConnection("127.0.0.1", tls.port, timeout=5,
+                                       context=ssl.create_default_context(cafile=str(certs.ca)))
+    kept.request("GET", "/-/healthy")
+    assert kept.getresponse().read() == b"OK\n"
+    time.sleep(0.2)
+    started = time.monotonic()
+    s.shutdown()
+    tls.shutdown()
+    assert time.monotonic() - started < 1.5
+    release.set()  # the render finishes after shutdown: its answer must not go out
+    for c in [rendering, *waiting]:
+        assert read_until_closed(c, 3)[0] == b""
+    with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
+        kept.request("GET", "/-/healthy")
+        kept.getresponse()
+    kept.close()
+    for c in [rendering, *waiting]:
+        c.close()
+    wait_for("the server's threads to end",
+             lambda: not [t for t in threading.enumerate() if t.name.startswith("memcgscope-web-")])
+    wait_for("the server's sockets to close", lambda: len(os.listdir("/proc/self/fd")) <= fds_before)
