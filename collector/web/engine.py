@@ -71,7 +71,8 @@ class Engine:
         self._lock = threading.Lock()
         self._stopping = self._stopped = False
         self._next_deadline = float("inf")
-        self._paused_until = 0.0  # accept() paused after EMFILE and the like
+        self._paused_until = 0.0  # accept() paused after ENOBUFS and the like
+        self._max_connections = limits.max_connections  # lowered if descriptors run out first
         self._warned: dict[str, float] = {}
         port = listener.getsockname()[1]
         self._pool = Pool(limits.workers, f"memcgscope-web-{port}")
@@ -100,12 +101,9 @@ class Engine:
                     elif key.fileobj is self._wake_r:
                         self._drain_wakeups()
                     else:
-                        try:
-                            self._on_event(key.data)
-                        except Exception:  # a bug met by one connection must not stop the server
-                            log.exception("web: serving %s failed; closing it", key.data.peer[0])
-                            self._close(key.data)
-                self._take_handbacks()
+                        self._guarded(self._on_event, key.data)
+                while self._handbacks:
+                    self._guarded(self._take_handback, *self._handbacks.popleft())
                 now = time.monotonic()
                 if now >= self._next_deadline:
                     self._expire(now)
@@ -126,17 +124,22 @@ class Engine:
             except OSError as e:
                 if e.errno in _ACCEPT_RETRY:
                     continue
+                if e.errno in (errno.EMFILE, errno.ENFILE) and len(self._conns) > 1:
+                    # Out of descriptors: hold no more connections than now,
+                    # less one, so accepting evicts instead of failing.
+                    self._max_connections = min(self._max_connections, len(self._conns) - 1)
+                    self._warn("fds", f"web: cannot accept connections ({e.strerror}); max_connections lowered "
+                               f"to {self._max_connections}; raise the open-file limit (ulimit -n)")
+                    if self._evict():
+                        continue
                 # The pending connection stays in the backlog and the listener
-                # stays readable: pause rather than spin (and free a descriptor).
-                fix = "raise the open-file limit (ulimit -n)" if e.errno in (errno.EMFILE, errno.ENFILE) else \
-                    "check the host's network and memory"
-                self._warn("accept", f"web: cannot accept connections ({e.strerror}); pausing accepts "
-                           f"for 0.1 s with {len(self._conns)} open; {fix}")
-                self._evict()
+                # stays readable: pause rather than spin.
+                self._warn("accept", f"web: cannot accept connections ({e.strerror}) with {len(self._conns)} "
+                           "open; pausing accepts for 0.1 s; check the open-file limit and the host's memory")
                 self._sel.unregister(self._listener)
                 self._paused_until = time.monotonic() + 0.1
                 return
-            if len(self._conns) >= self._limits.max_connections and not self._evict():
+            if len(self._conns) >= self._max_connections and not self._evict():
                 self._refuse(sock, peer)
                 continue
             self._admit(sock, peer)
@@ -157,7 +160,7 @@ class Engine:
 
     def _refuse(self, sock: socket.socket, peer):
         self._warn("bound", f"web: {len(self._conns)} connections open, all being answered "
-                   f"(max_connections {self._limits.max_connections}); refusing new ones")
+                   f"(max_connections {self._max_connections}); refusing new ones")
         if self._ctx is None:
             try:
                 sock.setblocking(False)
@@ -338,22 +341,28 @@ class Engine:
         conn.state = CLOSED  # events already selected for it are ignored
         conn.sock.close()
 
-    def _take_handbacks(self):
-        while self._handbacks:
-            conn, next_state = self._handbacks.popleft()
-            if next_state == HANDSHAKE:
-                self._wait(conn, HANDSHAKE, conn.want, conn.deadline)
-            elif next_state == READ:  # handshake done: the head's deadline still runs from accept
-                self._wait(conn, READ, R, conn.deadline)
-                self._read(conn)
-            elif next_state == KEEP:
-                self._keep(conn)
-            elif next_state == WRITE:
-                self._write(conn)
-            elif next_state == LINGER:
-                self._linger(conn)
-            else:
+    def _guarded(self, fn, conn: Connection, *args):
+        try:
+            fn(conn, *args)
+        except Exception:  # a bug met by one connection must not stop the server
+            log.exception("web: serving %s failed; closing it", conn.peer[0])
+            if conn.state != WORK:  # else its worker owns it
                 self._close(conn)
+
+    def _take_handback(self, conn: Connection, next_state: str):
+        if next_state == HANDSHAKE:
+            self._wait(conn, HANDSHAKE, conn.want, conn.deadline)
+        elif next_state == READ:  # handshake done: the head's deadline still runs from accept
+            self._wait(conn, READ, R, conn.deadline)
+            self._read(conn)
+        elif next_state == KEEP:
+            self._keep(conn)
+        elif next_state == WRITE:
+            self._write(conn)
+        elif next_state == LINGER:
+            self._linger(conn)
+        else:
+            self._close(conn)
 
     def _drain_wakeups(self):
         try:
@@ -365,10 +374,8 @@ class Engine:
     def _wake(self):
         try:
             self._wake_w.send(b"\0")
-        except (BlockingIOError, InterruptedError):
-            pass  # a wake-up is already pending
         except OSError:
-            pass  # closed: the loop has ended
+            pass  # full: a wake-up is already pending; closed: the loop has ended
 
     def _warn(self, what: str, msg: str):
         now = time.monotonic()  # at most once a minute per kind: an overload must not flood the log

@@ -16,7 +16,8 @@
   refused: 503 with Retry-After (a plain close under TLS). Queueing instead
   (not accepting) would let a few hundred silent connections make every new
   scrape wait out their timeouts; refusing whenever full would let them lock
-  Prometheus out.
+  Prometheus out. Should accept() run out of file descriptors first, the
+  bound is lowered to what the process could hold, with a warning.
 - `workers` (8): threads answering requests; CPU-bound renders share one
   core under the GIL, so more would add contention, not throughput.
 - `write_timeout` (30 s): a response must be sent within this.
