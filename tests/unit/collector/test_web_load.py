@@ -16,7 +16,7 @@ import bench_web  # noqa: E402
 
 def test_the_load_script_runs_and_the_server_holds():
     lines = []
-    f = bench_web.run(scrapers=2, idle=4, seconds=0.8, cut_wait=5, request_timeout=0.3, out=lines.append)
+    f = bench_web.run(scrapers=2, idle=4, seconds=0.5, cut_wait=5, request_timeout=0.2, out=lines.append)
     assert f["scrapes"] > 0 and f["errors"] == 0, f["error_kinds"]
     # each idle half request was cut (after request_timeout, with a 408), and replaced while the load ran
     assert f["idle_left"] == 0 and f["idle_cut"] >= 4 and f["idle_answered"] == f["idle_cut"]
