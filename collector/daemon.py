@@ -220,7 +220,9 @@ class Daemon:
             if label in by_label and label != path:
                 merge(by_label[label], snap)
             else:
-                by_label[label] = CgroupSnapshot(snap.usage, snap.limit, dict(snap.failcnt), dict(snap.events))
+                by_label[label] = CgroupSnapshot(snap.usage, snap.limit, dict(snap.failcnt), dict(snap.events),
+                                                 dict(snap.stat), dict(snap.pressure), snap.swap_usage,
+                                                 dict(snap.swap_events), dict(snap.protection))
         with self._lock:
             if released:
                 gone_labels = set(released)

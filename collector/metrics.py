@@ -230,6 +230,25 @@ class MemcgCollector:
                                       labels=["cgroup", "counter"])
         events = CounterMetricFamily("memcgscope_cgroup_memory_events", "v2 memory.events.local by event.",
                                      labels=["cgroup", "event"])
+        pressure = CounterMetricFamily("memcgscope_cgroup_pressure_seconds",
+                                       "v2 memory.pressure totals: time some (kind=some) or all (kind=full) "
+                                       "non-idle tasks of the cgroup were stalled on memory.",
+                                       labels=["cgroup", "kind"])
+        stat_bytes = GaugeMetricFamily("memcgscope_cgroup_memory_stat_bytes",
+                                       "memory.stat byte counts by item (v2 names; v1's rss, cache, mapped_file, "
+                                       "dirty, writeback shown as anon, file, file_mapped, file_dirty, "
+                                       "file_writeback).", labels=["cgroup", "item"])
+        stat_events = CounterMetricFamily("memcgscope_cgroup_memory_stat_events",
+                                          "memory.stat event counts: workingset_refault_anon/_file, pgscan, "
+                                          "pgsteal (v2).", labels=["cgroup", "item"])
+        swap = GaugeMetricFamily("memcgscope_cgroup_swap_usage_bytes",
+                                 "v2 memory.swap.current; v1 memsw usage minus memory usage.", labels=["cgroup"])
+        swap_events = CounterMetricFamily("memcgscope_cgroup_swap_events", "v2 memory.swap.events by event.",
+                                          labels=["cgroup", "event"])
+        protection = GaugeMetricFamily("memcgscope_cgroup_memory_threshold_bytes",
+                                       "v2 memory.high, memory.low and memory.min (+Inf when max).",
+                                       labels=["cgroup", "file"])
+        from .cgroupfs import EVENT_STATS
         for label, snap in d.view().cgroupfs.items():
             if snap.usage is not None:
                 usage.add_metric([label], snap.usage)
@@ -239,7 +258,17 @@ class MemcgCollector:
                 failcnt.add_metric([label, counter], n)
             for event, n in snap.events.items():
                 events.add_metric([label, event], n)
-        yield from (usage, limit, failcnt, events)
+            for kind, seconds in snap.pressure.items():
+                pressure.add_metric([label, kind], seconds)
+            for item, n in snap.stat.items():
+                (stat_events if item in EVENT_STATS else stat_bytes).add_metric([label, item], n)
+            if snap.swap_usage is not None:
+                swap.add_metric([label], snap.swap_usage)
+            for event, n in snap.swap_events.items():
+                swap_events.add_metric([label, event], n)
+            for name, value in snap.protection.items():
+                protection.add_metric([label, f"memory.{name}"], value)
+        yield from (usage, limit, failcnt, events, pressure, stat_bytes, stat_events, swap, swap_events, protection)
 
     # --- the exporter itself --------------------------------------------------
 

@@ -287,6 +287,28 @@ def build() -> dict:
                      [(rate("memcgscope_memcg_events_total", by="cgroup, item"), "{{cgroup}} {{item}}")],
                      "short"), 8, 8)
 
+    b.row("Pressure and contents")
+    b.add(timeseries("Memory pressure (PSI, v2)", "Share of wall time some (or all) non-idle tasks of the "
+                     "cgroup were stalled on memory: reclaim, throttling, refaults (memory.pressure).",
+                     [(rate("memcgscope_cgroup_pressure_seconds_total", by="cgroup, kind"), "{{cgroup}} {{kind}}")],
+                     "percentunit"), 12, 8)
+    b.add(timeseries("memory.stat", "Anon, page cache, kernel memory, sockets, shmem by cgroup.",
+                     [(f"sum by (cgroup, item) (memcgscope_cgroup_memory_stat_bytes{{{CG}, "
+                       f"item=~\"anon|file|kernel|sock|shmem\"}})", "{{cgroup}} {{item}}")], "bytes",
+                     stack=True), 12, 8)
+    b.add(timeseries("Refaults and reclaim scans /s", "workingset refaults (anon, file), pages scanned and "
+                     "stolen by reclaim (memory.stat).",
+                     [(rate("memcgscope_cgroup_memory_stat_events_total", by="cgroup, item"),
+                       "{{cgroup}} {{item}}")], "ops"), 8, 8)
+    b.add(timeseries("Swap", "Swap used by each cgroup and swap events (high, max, fail) per second.",
+                     [(f"memcgscope_cgroup_swap_usage_bytes{{{CG}}}", "{{cgroup}} swap"),
+                      (rate("memcgscope_cgroup_swap_events_total", by="cgroup, event"), "{{cgroup}} {{event}} /s")],
+                     "bytes"), 8, 8)
+    b.add(timeseries("memory.high / low / min", "The soft limit and the protections of each cgroup "
+                     "(v2; unlimited not drawn).",
+                     [(f"memcgscope_cgroup_memory_threshold_bytes{{{CG}}} < +Inf", "{{cgroup}} {{file}}")],
+                     "bytes"), 8, 8)
+
     b.row("Exporter health")
     b.add(timeseries("BPF CPU time by program", "Fraction of one CPU spent in each BPF program "
                      "(kernel.bpf_stats_enabled is on while memcgscope runs): the probes' overhead.",

@@ -162,7 +162,7 @@ def test_panels_ids_and_grid():
     assert len(data_panels(d)) >= 30
     rows = [p["title"] for p in panels if p["type"] == "row"]
     assert rows == ["Overview", "Charges", "Reclaim", "Limits & OOM", "Model cross-check", "cgroupfs",
-                    "Exporter health"]
+                    "Pressure and contents", "Exporter health"]
 
 
 def test_every_target_has_an_expr_and_uses_the_datasource_variable():
