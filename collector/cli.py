@@ -20,6 +20,7 @@ COMMANDS = {
     "record": "record_cmd",
     "run": "run_cmd",
     "replay": "replay_cmd",
+    "kernels": "kernels",
 }
 
 
