@@ -1,7 +1,8 @@
-"""Fixtures for tests/vm: guests booted with virtme-ng under TCG.
+"""Fixtures for tests/vm: guests booted with virtme-ng (KVM when a probe
+shows it works, else TCG; harness.accel).
 
-A missing prerequisite (root, QEMU, virtme-ng, a kernel) fails the test
-with the fix; it is never skipped (design.md §5).
+A missing prerequisite (root, QEMU, virtme-ng, udev, a fetched kernel)
+fails the test with the fix; it is never skipped (design.md §5).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class GuestSession:
 
 @pytest.fixture(params=GUESTS, ids=[g.name for g in GUESTS])
 def guest(request, tmp_path):
-    """One of the three guest configurations; `.run(cmd)` boots it once."""
+    """One guest configuration of harness.GUESTS; `.run(cmd)` boots it once."""
     try:
         preflight(request.param)
     except GuestError as e:
