@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from .cgroupfs import CgroupfsReader, CgroupSnapshot, merge
+from .identity import Identity, NodeNames, identify
 from .pipeline import CheckPipeline, PipelineCounts
 from .watch import WatchList
 
@@ -51,6 +52,7 @@ class View:
     """What a scrape reads; replaced whole at each tick."""
     labels: Mapping[int, str] = field(default_factory=dict)                # cgid -> label
     cgroupfs: Mapping[str, CgroupSnapshot] = field(default_factory=dict)   # label -> snapshot
+    identities: Mapping[str, Identity] = field(default_factory=dict)       # label -> workload
 
 
 class DivergenceLog:
@@ -92,7 +94,7 @@ class Daemon:
     def __init__(self, session, *, watch: WatchList, reader: CgroupfsReader,
                  pipeline: CheckPipeline | None = None, divergence_log: DivergenceLog | None = None,
                  interval: float = 15.0, facts: Facts | None = None, clock=time.monotonic,
-                 task_alive=None):
+                 task_alive=None, names: NodeNames | None = None):
         self.session = session
         self.watch = watch
         self.reader = reader
@@ -104,6 +106,7 @@ class Daemon:
         self.facts = facts or Facts()
         self.clock = clock
         self.task_alive = task_alive or _tid_alive
+        self.names = names if names is not None else NodeNames()
         self._lock = threading.Lock()           # guards the counters below
         self._episodes: Counter = Counter()     # (label, kind) -> n
         self._unresolved = 0
@@ -223,11 +226,14 @@ class Daemon:
                 by_label[label] = CgroupSnapshot(snap.usage, snap.limit, dict(snap.failcnt), dict(snap.events),
                                                  dict(snap.stat), dict(snap.pressure), snap.swap_usage,
                                                  dict(snap.swap_events), dict(snap.protection))
+        self.names.refresh()
+        identities = {labels[cgid]: identify(path, self.names)
+                      for cgid, path in self.watch.watched().items() if labels.get(cgid) == path}
         with self._lock:
             if released:
                 gone_labels = set(released)
                 self._episodes = Counter({k: n for k, n in self._episodes.items() if k[0] not in gone_labels})
-            self._view = View(labels, by_label)
+            self._view = View(labels, by_label, identities)
 
     # --- the loop -----------------------------------------------------------------
 

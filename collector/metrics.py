@@ -249,7 +249,17 @@ class MemcgCollector:
                                        "v2 memory.high, memory.low and memory.min (+Inf when max).",
                                        labels=["cgroup", "file"])
         from .cgroupfs import EVENT_STATS
-        for label, snap in d.view().cgroupfs.items():
+        from .identity import LABELS
+        info = GaugeMetricFamily("memcgscope_cgroup_info",
+                                 "The workload a labelled cgroup is (systemd unit and slice, Kubernetes pod and "
+                                 "container, container runtime and id; empty where unknown); join with "
+                                 "* on (cgroup) group_left(pod, namespace) memcgscope_cgroup_info.",
+                                 labels=["cgroup", *LABELS])
+        view = d.view()
+        for label, ident in view.identities.items():
+            values = ident.labels()
+            info.add_metric([label, *(values[k] for k in LABELS)], 1)
+        for label, snap in view.cgroupfs.items():
             if snap.usage is not None:
                 usage.add_metric([label], snap.usage)
             if snap.limit is not None:
@@ -268,7 +278,8 @@ class MemcgCollector:
                 swap_events.add_metric([label, event], n)
             for name, value in snap.protection.items():
                 protection.add_metric([label, f"memory.{name}"], value)
-        yield from (usage, limit, failcnt, events, pressure, stat_bytes, stat_events, swap, swap_events, protection)
+        yield from (info, usage, limit, failcnt, events, pressure, stat_bytes, stat_events, swap, swap_events,
+                    protection)
 
     # --- the exporter itself --------------------------------------------------
 

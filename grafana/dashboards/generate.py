@@ -264,6 +264,11 @@ def build() -> dict:
                 rename={"Value": "divergences"}), 12, 7)
 
     b.row("cgroupfs")
+    b.add(table("Workloads", "Each labelled cgroup's workload (systemd unit, Kubernetes namespace/pod/container, "
+                "container runtime) with its usage: memcgscope_cgroup_info joined to the usage gauge.",
+                [(f"memcgscope_cgroup_usage_bytes{{{CG}}} * on (job, instance, cgroup) group_left(unit, slice, "
+                  f"namespace, pod, container, runtime) memcgscope_cgroup_info{{{CG}}}", "")],
+                hide=("job",), rename={"Value": "usage"}, unit="bytes"), 24, 8)
     b.add(timeseries("Usage vs limit", "memory.usage_in_bytes / memory.current against the hard limit of "
                      "each watched cgroup (unlimited limits not drawn).",
                      [(f"memcgscope_cgroup_usage_bytes{{{CG}}}", "{{cgroup}} usage"),

@@ -342,3 +342,25 @@ def test_a_checker_bug_is_a_replay_error_and_never_stops_the_loop(tree):
     s = scrape(d)
     assert s[("memcgscope_divergences_total", (("check", "charge"), ("reason", "replay_error")))] == 1
     assert s[("memcgscope_replay_errors_total", ())] == 1
+
+
+def test_cgroup_info_names_the_workload(tmp_path):
+    uid = "0f5a4c1e-8d2b-4b7a-9a3e-2c6d1f0e9b77"
+    cid = "3f2a" + "b" * 60
+    pod = f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid.replace('-', '_')}.slice"
+    ids = make_tree(tmp_path, ["/system.slice/nginx.service", pod, f"{pod}/cri-containerd-{cid}.scope"])
+    (tmp_path / "var/log/pods" / f"shop_cart_{uid}").mkdir(parents=True)
+    from memcgscope.collector.identity import NodeNames
+    from memcgscope.probes.sysroot import SysRoot
+    clock = Clock()
+    resolver = CgroupResolver(str(tmp_path), rescan_interval=0, clock=clock)
+    agg = Aggregates({i: charge_agg(1, 1) for i in ids.values()}, [0])
+    d = Daemon(FakeSession(agg), watch=WatchList(resolver, clock=clock), reader=CgroupfsReader(str(tmp_path), 2),
+               names=NodeNames(SysRoot(str(tmp_path))), clock=clock)
+    d.tick()
+    s = scrape(d)
+    info = {dict(k[1])["cgroup"]: dict(k[1]) for k in s if k[0] == "memcgscope_cgroup_info"}
+    assert info["/system.slice/nginx.service"]["unit"] == "nginx.service"
+    c = info[f"{pod}/cri-containerd-{cid}.scope"]
+    assert (c["namespace"], c["pod"], c["pod_uid"], c["container_id"], c["runtime"]) == \
+        ("shop", "cart", uid, cid, "containerd")
