@@ -412,10 +412,6 @@ def test_a_missing_keyring_is_a_one_line_error(tmp_path):
 
 # --- fetch, lay out, remove ------------------------------------------------------
 
-def _tree_files(root):
-    return {os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs}
-
-
 def test_fetch_7x_lays_out_vmlinuz_modules_and_headers_for_vng_and_bcc(fetcher):
     kf = fetcher.ensure_kernel("7.3")
     cache = fetcher.cache.root
