@@ -1,5 +1,6 @@
 """The virtual cgroupfs: which control files exist per cgroup version and
-profile, what ``read`` prints and where ``write`` goes (§8).
+profile, what ``read`` prints and where ``write`` goes (the cftype tables
+of mm/memcontrol.c and, from 6.12, mm/memcontrol-v1.c).
 
 Reads return the text the kernel prints (with its trailing newline).
 Writes return 0 or -errno, like write(2) (a successful write's byte count

@@ -1,8 +1,8 @@
 """``try_charge_memcg`` (``try_charge`` on 5.10) and the memory.high
 handling it triggers (``mem_cgroup_handle_over_high``, ``reclaim_high``).
 
-Follows ``kernel-charge-path.md`` §3 line by line; every branch that only
-some versions take reads a profile field and says which versions.
+Follows mm/memcontrol.c line by line; every branch that only some versions
+take reads a profile field and says which versions.
 """
 
 from __future__ import annotations
@@ -45,6 +45,16 @@ class _Goto(Exception):
         self.label, self.reason = label, reason
 
 
+def _try_charge(ctx, memcg, name: str, nr: int):
+    """page_counter_try_charge(&memcg->name, nr, &counter); the ``attempt``
+    oracle, when given, says how it went."""
+    counter = getattr(memcg, name)
+    if ctx.attempt is None:
+        return counter.try_charge(nr)
+    level = ctx.counter_attempt(memcg, name, nr)
+    return counter.try_charge(nr, level if level is None or level is True else getattr(level, name))
+
+
 def try_charge_memcg(ctx, memcg, gfp: int, nr_pages: int) -> int:
     """Charge ``nr_pages`` to ``memcg`` → 0 or -ENOMEM; steps go to ctx.steps."""
     k, p, task, steps = ctx.kernel, ctx.kernel.profile, ctx.task, ctx.steps
@@ -71,7 +81,7 @@ def try_charge_memcg(ctx, memcg, gfp: int, nr_pages: int) -> int:
                     f"try_charge of {nr_pages} pages to {memcg.path} still retrying after "
                     f"{MAX_MODEL_PASSES} passes: the reclaim or oom oracle keeps reporting "
                     f"progress that frees nothing")
-            if consume_stock(k, memcg, nr_pages, ctx.cpu):
+            if consume_stock(k, memcg, nr_pages, ctx.cpu, ctx.stock_locked):
                 memcg.charged += nr_pages
                 steps.append(StockHit(memcg.path, ctx.cpu, nr_pages))
                 return 0
@@ -80,14 +90,14 @@ def try_charge_memcg(ctx, memcg, gfp: int, nr_pages: int) -> int:
                 batch = nr_pages
             over = None
             if memcg.memsw is not None:
-                ok, fail = memcg.memsw.try_charge(batch)
+                ok, fail = _try_charge(ctx, memcg, "memsw", batch)
                 if not ok:
                     over = fail.owner
                     may_swap = False  # swapping does not lower memsw
                     steps.append(CounterFail(memcg.path, "memsw", batch, over.path,
                                              memcg.memsw.track_failcnt))
             if over is None:
-                ok, fail = memcg.memory.try_charge(batch)
+                ok, fail = _try_charge(ctx, memcg, "memory", batch)
                 if ok:
                     steps.append(CounterCharge(memcg.path, "memory", batch))
                     return _done_restock(ctx, memcg, gfp, nr_pages, batch)
@@ -104,7 +114,7 @@ def try_charge_memcg(ctx, memcg, gfp: int, nr_pages: int) -> int:
                 continue
             if p.force_on_gfp_atomic and gfp & _ATOMIC:
                 raise _Goto("force", "atomic")            # ≤ 6.0
-            if p.early_dying_force and task.dying:
+            if p.early_dying_force and ctx.signalled(memcg, "force_dying"):
                 raise _Goto("force", "dying")             # 5.10.0–5.10.5x
             if task.pf_memalloc:
                 raise _Goto("force", "pf_memalloc")
@@ -118,7 +128,7 @@ def try_charge_memcg(ctx, memcg, gfp: int, nr_pages: int) -> int:
             raised_max = True
             reclaimed = try_to_free_mem_cgroup_pages(ctx, over, nr_pages, gfp, may_swap)
 
-            if mem_cgroup_margin(over) >= nr_pages:
+            if mem_cgroup_margin(over, ctx, "charge_margin") >= nr_pages:
                 retry("margin")
                 continue
             if not drained:
@@ -144,7 +154,7 @@ def try_charge_memcg(ctx, memcg, gfp: int, nr_pages: int) -> int:
                 raise _Goto("nomem", "retry_mayfail")
             if p.nofail_forces_before_oom and gfp & _NOFAIL:
                 raise _Goto("force", "nofail")            # 5.10: OOM skipped
-            if not p.early_dying_force and passed_oom and task.dying:
+            if not p.early_dying_force and passed_oom and ctx.signalled(memcg, "passed_oom"):
                 raise _Goto("nomem", "passed_oom_dying")  # 5.10.80+ and later
             status = mem_cgroup_oom(ctx, over, gfp, order_of(nr_pages))
             if status == "success":
@@ -185,7 +195,7 @@ def _done_restock(ctx, memcg, gfp, nr_pages, batch) -> int:
     memcg.charged += nr_pages
     if batch > nr_pages:
         steps.append(Restock(memcg.path, ctx.cpu, batch - nr_pages))
-        refill_stock(k, memcg, batch - nr_pages, ctx.cpu, steps)
+        refill_stock(k, memcg, batch - nr_pages, ctx.cpu, steps, ctx.stock_locked)
     # memory.high is only looked at when the counters were charged.  The
     # model always runs in task context (an interrupt would queue high_work).
     m = memcg

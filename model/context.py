@@ -1,7 +1,8 @@
 """What a call into the model carries: the task, the CPU, the oracles that
 stand in for the world, and the steps recorded so far.
 
-Oracles (all optional):
+Every decision the world makes for the kernel is an oracle (all optional;
+model/README.md lists them with the kernel function that asks each one):
 
 * ``reclaim(target, nr_pages, gfp) -> freed`` – how many pages a
   ``try_to_free_mem_cgroup_pages`` call freed.  It may also accept a
@@ -14,6 +15,26 @@ Oracles (all optional):
   Default: "all".
 * ``moving(over) -> bool`` – a v1 charge move involves ``over``
   (mem_cgroup_wait_acct_move, ≤ 6.12).  Default: False.
+* ``attempt(memcg, counter, nr_pages) -> None | True | handle`` – how a
+  ``page_counter_try_charge`` went: other CPUs charge and uncharge between
+  any two steps, so it may pass or fail at any level whatever the model's
+  counts say.  None: the model's arithmetic decides (the default).
+* ``usage(memcg, counter, where) -> None | pages`` – what a
+  ``page_counter_read`` the kernel decides on returns (``USAGE_POINTS``).
+  None: the model's own count (the default).
+* ``set_max_race(memcg, counter) -> pages`` – pages other CPUs charged
+  inside ``page_counter_set_max``, between the new max and the re-read.
+  Default: 0.
+* ``signal(memcg, where) -> bool`` – a signal is pending (or, at the
+  dying points, fatal) where the kernel tests for one (``SIGNAL_POINTS``).
+  Default: the task's ``signal_pending`` or ``dying`` field.
+* ``stock_locked(cpu) -> bool`` – 6.18 only: ``local_trylock`` of the
+  per-cpu stock failed (the charge interrupted another on that CPU).
+  Default: False.
+
+An exception an oracle raises propagates out of the call unchanged (the
+kernel state is then whatever the call had done so far): a caller that
+checks an observation can stop a call at the first disagreement.
 """
 
 from __future__ import annotations
@@ -21,7 +42,38 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 
-__all__ = ["Task", "ReclaimResult", "OomOutcome", "Ctx"]
+__all__ = ["Task", "ReclaimResult", "OomOutcome", "Ctx", "SIGNAL_POINTS", "USAGE_POINTS"]
+
+#: Where the kernel tests the current task for a signal, and the ``Task``
+#: field that answers when no ``signal`` oracle is given.
+SIGNAL_POINTS = {
+    # 5.10.0–5.10.5x mm/memcontrol.c try_charge(): should_force_charge()
+    # (OOM victim, fatal signal or exiting) → force, before any reclaim
+    "force_dying": "dying",
+    # ≥ 5.10.80 try_charge() / try_charge_memcg(): after an OOM,
+    # passed_oom && task_is_dying() → nomem
+    "passed_oom": "dying",
+    # ≤ 6.14 mem_cgroup_out_of_memory(): task_is_dying() || out_of_memory()
+    # (5.10.0–5.10.5x: should_force_charge() || out_of_memory())
+    "oom_dying": "dying",
+    # v1 mem_cgroup_resize_max(): signal_pending() → -EINTR, each pass
+    "resize": "signal_pending",
+    # v2 memory_max_write() / memory_high_write(): signal_pending() → stop, each pass
+    "max_write": "signal_pending",
+    "high_write": "signal_pending",
+    # v2 memory_reclaim(): signal_pending() → -EINTR, each pass
+    "reclaim_write": "signal_pending",
+}
+
+#: The counter reads (page_counter_read) the kernel takes a decision on,
+#: where other CPUs' charges and uncharges can make the value anything.
+USAGE_POINTS = (
+    "charge_margin",   # try_charge_memcg(): mem_cgroup_margin(mem_over_limit) after reclaim
+    "oom_margin",      # mem_cgroup_out_of_memory(): mem_cgroup_margin() under oom_lock
+    "max_write",       # v2 memory_max_write(): usage at the top of each pass
+    "high_write",      # v2 memory_high_write(): usage at the top of each pass
+    "set_max",         # page_counter_set_max(): usage before the new max is set
+)
 
 
 @dataclass
@@ -113,6 +165,11 @@ class Ctx:
     oom: object = None
     drain: object = None
     moving: object = None
+    attempt: object = None
+    usage: object = None
+    set_max_race: object = None
+    signal: object = None
+    stock_locked: object = None
     steps: list = field(default_factory=list)
 
     def __post_init__(self):
@@ -134,3 +191,47 @@ class Ctx:
         if out not in ("all", "local", "skipped"):
             raise ValueError(f"drain oracle returned {out!r}; use 'all', 'local', 'skipped' or a bool")
         return out
+
+    def counter_attempt(self, memcg, counter: str, nr: int):
+        """The ``attempt`` oracle's answer: None (arithmetic), True (passes
+        at every level) or the level where it fails (memcg or an ancestor)."""
+        if self.attempt is None:
+            return None
+        answer = self.attempt(memcg, counter, nr)
+        if answer is None or answer is True:
+            return answer
+        if getattr(answer, "kernel", None) is not memcg.kernel or not memcg.is_descendant(answer):
+            raise ValueError(f"attempt oracle returned {answer!r} for {memcg.path}:{counter}; "
+                             f"use None, True or {memcg.path} or one of its ancestors")
+        return answer
+
+    def read_usage(self, memcg, counter: str, where: str) -> int:
+        """page_counter_read(&memcg->counter) at ``where``: the ``usage``
+        oracle's answer, else the model's count.  The answer serves this
+        decision only: the model does not track other CPUs' pages."""
+        if self.usage is not None:
+            answer = self.usage(memcg, counter, where)
+            if answer is not None:
+                if isinstance(answer, bool) or not isinstance(answer, int) or answer < 0:
+                    raise ValueError(f"usage oracle returned {answer!r} for {memcg.path}:"
+                                     f"{counter} at {where}; expected pages (int ≥ 0) or None")
+                return answer
+        return getattr(memcg, counter).usage
+
+    def signalled(self, memcg, where: str) -> bool:
+        """Is a signal pending (fatal, at the dying points) at ``where``?"""
+        if self.signal is None:
+            return getattr(self.task, SIGNAL_POINTS[where])
+        answer = self.signal(memcg, where)
+        if not isinstance(answer, bool):
+            raise ValueError(f"signal oracle returned {answer!r} at {where}; expected a bool")
+        return answer
+
+    def race_pages(self, memcg, counter: str) -> int:
+        """Pages charged inside page_counter_set_max (the ``set_max_race`` oracle)."""
+        if self.set_max_race is None:
+            return 0
+        grown = self.set_max_race(memcg, counter)
+        if isinstance(grown, bool) or not isinstance(grown, int):
+            raise ValueError(f"set_max_race oracle returned {grown!r}; expected pages (int)")
+        return grown

@@ -1,4 +1,4 @@
-"""``Kernel``: the model's user-visible interface (design.md §2).
+"""``Kernel``: the model's user-visible interface.
 
     k = Kernel("6.1", cgroup="v1", cpus=2)
     a = k.mkdir("a")
@@ -8,8 +8,9 @@
     r.ret, r.steps
 
 Every call runs to completion on one CPU; the other CPUs only show up
-through their stocks.  Where the kernel allows several interleavings the
-caller picks one with the ``oom=`` and ``drain=`` oracles (context.py).
+through their stocks.  Where the kernel allows several interleavings, or
+the world decides (reclaim, OOM, signals, other CPUs' charges), the caller
+picks one with the oracles (context.py, model/README.md).
 """
 
 from __future__ import annotations
@@ -60,12 +61,6 @@ class Kernel:
         self.pending_drains: set[int] = set()
         self.oom_waiters: list[Task] = []
         self.oom_wakeups = 0
-        #: test hook: called inside page_counter_set_max between setting the
-        #: new max and re-reading usage; returns pages charged meanwhile
-        self.set_max_race = None
-        #: 6.18: called with the CPU before each stock access; True means the
-        #: local_trylock failed (a charge interrupted another on that CPU)
-        self.stock_trylock_fails = None
         self.task = Task()
         self.root = MemCgroup(self, "", None)
         self._cgroups = {"/": self.root}
@@ -131,18 +126,21 @@ class Kernel:
 
     # -- the charge path -----------------------------------------------------------
 
-    def _ctx(self, cpu, task, reclaim, oom, drain, moving=None):
+    def _ctx(self, cpu, task, reclaim, oom, drain, moving=None, **oracles):
         if not 0 <= cpu < self.cpus:
             raise ValueError(f"cpu {cpu} out of range 0..{self.cpus - 1}")
-        return Ctx(self, task or self.task, cpu, reclaim, oom, drain, moving)
+        return Ctx(self, task or self.task, cpu, reclaim, oom, drain, moving, **oracles)
 
     def charge(self, handle: MemCgroup, nr_pages: int, gfp: int = GFP.KERNEL, cpu: int = 0,
                reclaim=None, *, task: Task | None = None, oom=None, drain=None,
-               moving=None) -> ChargeResult:
-        """try_charge_memcg(handle, gfp, nr_pages) on ``cpu``."""
+               moving=None, attempt=None, usage=None, signal=None,
+               stock_locked=None) -> ChargeResult:
+        """try_charge_memcg(handle, gfp, nr_pages) on ``cpu``.  The keyword
+        oracles are described in model/README.md."""
         if nr_pages < 1:
             raise ValueError(f"nr_pages must be ≥ 1, not {nr_pages}")
-        ctx = self._ctx(cpu, task, reclaim, oom, drain, moving)
+        ctx = self._ctx(cpu, task, reclaim, oom, drain, moving, attempt=attempt, usage=usage,
+                        signal=signal, stock_locked=stock_locked)
         ret = try_charge_memcg(ctx, handle, gfp, nr_pages)
         run_pending_drains(self, ctx.steps)
         return ChargeResult(ret, ctx.steps)
@@ -188,20 +186,26 @@ class Kernel:
 
     def write(self, handle: MemCgroup, filename: str, text: str, *, reclaim=None,
               signal_pending: bool = False, nonblock: bool = False, oom=None, drain=None,
-              cpu: int = 0, task: Task | None = None) -> int:
+              cpu: int = 0, task: Task | None = None, usage=None, set_max_race=None,
+              signal=None) -> int:
         """write(2) to a control file → 0 or -errno.  ``reclaim`` is the
         oracle for the reclaim a limit write does (default: frees nothing);
-        ``signal_pending`` a signal arriving before the write's loop;
-        ``nonblock`` O_NONBLOCK (6.18 memory.max/high)."""
+        ``signal_pending`` a signal pending in every pass of the write's
+        loop (the ``signal`` oracle picks the pass instead);
+        ``nonblock`` O_NONBLOCK (6.18 memory.max/high).  The other keyword
+        oracles are described in model/README.md."""
         return self.write_ex(handle, filename, text, reclaim=reclaim,
                              signal_pending=signal_pending, nonblock=nonblock, oom=oom,
-                             drain=drain, cpu=cpu, task=task).ret
+                             drain=drain, cpu=cpu, task=task, usage=usage,
+                             set_max_race=set_max_race, signal=signal).ret
 
     def write_ex(self, handle, filename, text, *, reclaim=None, signal_pending=False,
-                 nonblock=False, oom=None, drain=None, cpu=0, task=None) -> WriteResult:
+                 nonblock=False, oom=None, drain=None, cpu=0, task=None, usage=None,
+                 set_max_race=None, signal=None) -> WriteResult:
         """Like ``write`` but returns the steps too."""
         writer = Task(signal_pending=signal_pending, in_user_fault=False) if task is None else task
-        ctx = self._ctx(cpu, writer, reclaim, oom, drain)
+        ctx = self._ctx(cpu, writer, reclaim, oom, drain, usage=usage,
+                        set_max_race=set_max_race, signal=signal)
         ret = cgroupfs.write_file(ctx, handle, filename, text, nonblock)
         run_pending_drains(self, ctx.steps)
         ctx.steps.append(LimitResult(handle.path, filename, ret))

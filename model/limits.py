@@ -1,6 +1,7 @@
 """Limit writes: v1 ``mem_cgroup_resize_max`` (memory.limit_in_bytes,
 memory.memsw.limit_in_bytes), v2 ``memory_max_write``,
-``memory_high_write``, ``memory_reclaim``.  §6 of the reference.
+``memory_high_write``, ``memory_reclaim`` (mm/memcontrol.c; v1 in
+mm/memcontrol-v1.c from 6.12).
 """
 
 from __future__ import annotations
@@ -18,6 +19,15 @@ from .vmscan import try_to_free_mem_cgroup_pages
 __all__ = ["mem_cgroup_resize_max", "memory_max_write", "memory_high_write", "memory_reclaim"]
 
 
+def _set_max(ctx, memcg, counter, max_pages: int) -> int:
+    """page_counter_set_max(counter, max_pages): its usage read is the
+    ``usage`` oracle's, a charge racing with it the ``set_max_race`` one's."""
+    name = counter.name
+    race = None if ctx.set_max_race is None else (lambda: ctx.race_pages(memcg, name))
+    read = None if ctx.usage is None else (lambda: ctx.read_usage(memcg, name, "set_max"))
+    return counter.set_max(max_pages, race, read)
+
+
 def _drain(ctx, memcg):
     outcome = ctx.drain_outcome(memcg)
     pages = drain_all_stock(ctx.kernel, memcg, ctx.cpu, outcome, ctx.steps)
@@ -28,14 +38,14 @@ def mem_cgroup_resize_max(ctx, memcg, max_pages: int, memsw: bool) -> int:
     """v1: set memory.max or memsw.max → 0, -EINVAL, -EBUSY or -EINTR.
 
     Never OOMs.  Loops while 1-page reclaims make progress; the first
-    failure of set_max drains the stocks instead of reclaiming.  ``usage_grows``
-    of the kernel (a test hook) models a charge landing inside set_max.
+    failure of set_max drains the stocks instead of reclaiming.  The
+    ``set_max_race`` oracle models a charge landing inside set_max.
     """
     counter = memcg.memsw if memsw else memcg.memory
     enlarge = False
     drained = False
     for _ in range(MAX_MODEL_PASSES):
-        if ctx.task.signal_pending:
+        if ctx.signalled(memcg, "resize"):
             ret = -errno.EINTR
             break
         # under memcg_max_mutex: memsw.max ≥ memory.max must keep holding
@@ -48,7 +58,7 @@ def mem_cgroup_resize_max(ctx, memcg, max_pages: int, memsw: bool) -> int:
             break
         if max_pages > counter.max:
             enlarge = True
-        ret = counter.set_max(max_pages, ctx.kernel.set_max_race)
+        ret = _set_max(ctx, memcg, counter, max_pages)
         ctx.steps.append(SetMax(memcg.path, counter.name, max_pages, ret))
         if ret == 0:
             break
@@ -81,10 +91,10 @@ def memory_max_write(ctx, memcg, max_pages: int, nonblock: bool = False) -> None
     nr_reclaims = MAX_RECLAIM_RETRIES
     drained = False
     for _ in range(MAX_MODEL_PASSES):
-        usage = memcg.memory.usage
+        usage = ctx.read_usage(memcg, "memory", "max_write")
         if usage <= max_pages:
             break
-        if ctx.task.signal_pending:
+        if ctx.signalled(memcg, "max_write"):
             break
         if not drained:
             _drain(ctx, memcg)
@@ -118,10 +128,10 @@ def memory_high_write(ctx, memcg, high_pages: int, nonblock: bool = False) -> No
     retries = MAX_RECLAIM_RETRIES
     drained = False
     for _ in range(MAX_MODEL_PASSES):
-        usage = memcg.memory.usage
+        usage = ctx.read_usage(memcg, "memory", "high_write")
         if usage <= high_pages:
             break
-        if ctx.task.signal_pending:
+        if ctx.signalled(memcg, "high_write"):
             break
         if not drained:
             _drain(ctx, memcg)
@@ -145,7 +155,7 @@ def memory_reclaim(ctx, memcg, nr_to_reclaim: int) -> int:
     for _ in range(MAX_MODEL_PASSES):
         if done >= nr_to_reclaim:
             break
-        if ctx.task.signal_pending:
+        if ctx.signalled(memcg, "reclaim_write"):
             return -errno.EINTR
         reclaimed = try_to_free_mem_cgroup_pages(ctx, memcg, nr_to_reclaim - done, GFP.KERNEL,
                                                  True, reason="proactive")

@@ -95,12 +95,21 @@ def memcg_memory_event(memcg: MemCgroup, event: str) -> None:
             break
 
 
-def mem_cgroup_margin(memcg: MemCgroup) -> int:
+def mem_cgroup_margin(memcg: MemCgroup, ctx=None, where: str = "") -> int:
     """Pages chargeable before ``memcg``'s own limits (memsw too on v1 with
-    swap accounting).  Only this level: ancestors are not looked at."""
-    count, limit = memcg.memory.usage, memcg.memory.max
+    swap accounting).  Only this level: ancestors are not looked at.  With
+    ``ctx``, the usage reads are the ``usage`` oracle's at ``where``."""
+    if ctx is None or ctx.usage is None:
+        count = memcg.memory.usage
+    else:
+        count = ctx.read_usage(memcg, "memory", where)
+    limit = memcg.memory.max
     margin = limit - count if count < limit else 0
     if memcg.memsw is not None:
-        count, limit = memcg.memsw.usage, memcg.memsw.max
+        if ctx is None or ctx.usage is None:
+            count = memcg.memsw.usage
+        else:
+            count = ctx.read_usage(memcg, "memsw", where)
+        limit = memcg.memsw.max
         margin = min(margin, limit - count) if count < limit else 0
     return margin

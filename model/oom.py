@@ -47,9 +47,9 @@ def mem_cgroup_out_of_memory(ctx, memcg, gfp: int, order: int):
     ``task_is_dying() || out_of_memory()``, 6.18 ``out_of_memory()`` only
     (on 6.18 a dying task is left to the oracle: out_of_memory() itself
     lets a dying current task go)."""
-    if mem_cgroup_margin(memcg) >= (1 << order):
+    if mem_cgroup_margin(memcg, ctx, "oom_margin") >= (1 << order):
         return True, "margin"
-    if ctx.kernel.profile.oom_dying_shortcut and ctx.task.dying:
+    if ctx.kernel.profile.oom_dying_shortcut and ctx.signalled(memcg, "oom_dying"):
         return True, "dying"
     return _out_of_memory(ctx, memcg, gfp, order)
 

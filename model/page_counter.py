@@ -72,7 +72,7 @@ class PageCounter:
             c.usage += nr_pages
             c._update_watermarks(c.usage)
 
-    def try_charge(self, nr_pages: int):
+    def try_charge(self, nr_pages: int, outcome=None):
         """page_counter_try_charge → ``(True, None)`` or ``(False, failing_counter)``.
 
         Leaf → root: each level adds then compares (``usage == max`` is
@@ -82,12 +82,17 @@ class PageCounter:
         untouched.  The watermark of each level that passed is updated as
         the walk goes, so a failure higher up leaves the lower watermarks
         raised (the kernel does the same).
+
+        ``outcome`` (the ``attempt`` oracle's answer) overrides the
+        comparisons: True passes every level, a level of this counter fails
+        there; other CPUs' charges and uncharges, which the model does not
+        see, make either possible.
         """
         track = self.track_failcnt
         passed = []
         for c in self.levels():
             new = c.usage + nr_pages
-            if new > c.max:
+            if (new > c.max) if outcome is None else (c is outcome):
                 if track:
                     c.failcnt += 1
                 for low in passed:
@@ -96,6 +101,10 @@ class PageCounter:
             c.usage = new
             c._update_watermarks(new)
             passed.append(c)
+        if outcome is not None and outcome is not True:
+            for low in passed:
+                low.cancel_one(nr_pages)
+            raise ValueError(f"{outcome!r} is not a level of {self!r}")
         return True, None
 
     def cancel_one(self, nr_pages: int) -> None:
@@ -112,25 +121,27 @@ class PageCounter:
         for c in self.levels():
             c.cancel_one(nr_pages)
 
-    def set_max(self, nr_pages: int, usage_grows=None) -> int:
+    def set_max(self, nr_pages: int, usage_grows=None, read_usage=None) -> int:
         """page_counter_set_max → 0 or -EBUSY.
 
+        ``read_usage`` (optional callable) answers the usage read that
+        decides -EBUSY, each time round (default: this counter's usage).
         ``usage_grows`` (optional callable) lets a caller model a concurrent
-        charge landing between the swap and the re-check; it returns the
-        pages charged meanwhile.  Without it the loop runs once.
+        charge landing between the swap and the re-read; it returns the
+        pages charged meanwhile (the re-read is the first read plus those).
+        Without it the loop runs once.
         """
         while True:
-            if self.usage > nr_pages:
+            usage = self.usage if read_usage is None else read_usage()
+            if usage > nr_pages:
                 return -errno.EBUSY
             old = self.max
-            before = self.usage
             self.max = nr_pages
-            if usage_grows is not None:
-                grown = usage_grows()
-                if grown:
-                    self.charge(grown)
+            grown = usage_grows() if usage_grows is not None else 0
+            if grown:
+                self.charge(grown)
             # ≥ 6.1: an enlarging write is never undone by concurrent growth
-            if self.usage <= before or (self.set_max_enlarge_ok and nr_pages >= old):
+            if grown <= 0 or (self.set_max_enlarge_ok and nr_pages >= old):
                 return 0
             self.max = old
 

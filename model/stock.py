@@ -3,7 +3,7 @@ refill_stock, drain_stock, drain_all_stock.
 
 ≤ 6.14: one cached memcg and a page count per CPU.  6.18: NR_MEMCG_STOCK = 7
 slots per CPU behind a ``local_trylock``, which fails only when a charge
-interrupts another on the same CPU; ``Kernel.stock_trylock_fails(cpu)``
+interrupts another on the same CPU; the ``stock_locked(cpu)`` oracle
 (default: never) lets a caller pick that interleaving.
 """
 
@@ -39,16 +39,16 @@ def stocked_pages(kernel, memcg) -> int:
     return sum(s.pages_of(memcg) for s in kernel.stocks)
 
 
-def _trylock_fails(kernel, cpu: int) -> bool:
-    """6.18 only: local_trylock(&memcg_stock.lock) failed."""
-    return (kernel.profile.stock_slots > 1 and kernel.stock_trylock_fails is not None
-            and kernel.stock_trylock_fails(cpu))
+def _trylock_fails(kernel, cpu: int, locked) -> bool:
+    """6.18 only: local_trylock(&memcg_stock.lock) failed (``locked``: the
+    stock_locked oracle)."""
+    return kernel.profile.stock_slots > 1 and locked is not None and bool(locked(cpu))
 
 
-def consume_stock(kernel, memcg, nr_pages: int, cpu: int) -> bool:
+def consume_stock(kernel, memcg, nr_pages: int, cpu: int, locked=None) -> bool:
     """Take ``nr_pages`` from this CPU's stock if it caches ``memcg`` with
     enough pages.  ``nr_pages > BATCH`` never hits (no slot holds more)."""
-    if nr_pages > kernel.profile.charge_batch or _trylock_fails(kernel, cpu):
+    if nr_pages > kernel.profile.charge_batch or _trylock_fails(kernel, cpu, locked):
         return False
     stock = kernel.stocks[cpu]
     i = stock.slot_of(memcg)
@@ -80,13 +80,13 @@ def _uncharge_direct(kernel, memcg, nr, cpu, steps):
         steps.append(StockDrain(memcg.path, cpu, nr, "direct"))
 
 
-def refill_stock(kernel, memcg, nr_pages: int, cpu: int, steps) -> None:
+def refill_stock(kernel, memcg, nr_pages: int, cpu: int, steps, locked=None) -> None:
     """Put ``nr_pages`` (already charged to the counters) in this CPU's stock.
 
     ≤ 6.14 (one slot): a different cached memcg is drained first; above
     BATCH the whole stock is drained.
-    6.18 (seven slots): above BATCH or when the trylock fails, uncharge
-    directly; a slot already
+    6.18 (seven slots): above BATCH or when the trylock fails (``locked``:
+    the stock_locked oracle), uncharge directly; a slot already
     holding ``memcg`` grows and is drained alone above BATCH; otherwise an
     empty slot is used or one picked at random (``kernel.evict_slot``) is
     drained and reused.
@@ -101,7 +101,7 @@ def refill_stock(kernel, memcg, nr_pages: int, cpu: int, steps) -> None:
         if stock.nr_pages[0] > batch:
             drain_stock(kernel, stock, 0, "overflow", steps)
         return
-    if nr_pages > batch or _trylock_fails(kernel, cpu):
+    if nr_pages > batch or _trylock_fails(kernel, cpu, locked):
         _uncharge_direct(kernel, memcg, nr_pages, cpu, steps)
         return
     i = stock.slot_of(memcg)

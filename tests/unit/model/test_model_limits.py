@@ -88,11 +88,15 @@ def test_v1_set_max_race_retries_before_6_1(profile, rounds):
     fill(k, a, 50)
     grown = iter([1, 0])
     calls = []
-    k.set_max_race = lambda: calls.append(1) or next(grown, 0)
+
+    def race(memcg, counter):
+        calls.append((memcg.path, counter))
+        return next(grown, 0)
     # a charge lands between the swap and the re-check: before 6.1 the old
     # max is restored and the loop goes round again; 6.1+ keeps an enlarging max
-    assert k.write(a, "memory.limit_in_bytes", pages(200)) == 0
-    assert len(calls) == rounds and a.memory.max == 200 and a.memory.usage == 51
+    assert k.write(a, "memory.limit_in_bytes", pages(200), set_max_race=race) == 0
+    assert calls == [("/a", "memory")] * rounds
+    assert a.memory.max == 200 and a.memory.usage == 51
 
 
 # -- v2 memory.max ---------------------------------------------------------------

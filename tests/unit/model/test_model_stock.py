@@ -127,8 +127,9 @@ def test_6_18_trylock_failure_misses_and_refills_directly():
     k = Kernel("6.18", cgroup="v2")
     a = k.mkdir("a")
     k.charge(a, 1)
-    k.stock_trylock_fails = lambda cpu: True
-    r = k.charge(a, 1)
+    asked = []
+    r = k.charge(a, 1, stock_locked=lambda cpu: asked.append(cpu) or True)
+    assert asked == [0, 0]          # consume_stock, then refill_stock
     assert "stock_hit" not in r.kinds()
     assert [(s.nr, s.reason) for s in r.of("stock_drain")] == [(63, "direct")]
     assert k.stocked(a) == 63 and a.memory.usage == 65
@@ -138,5 +139,4 @@ def test_trylock_hook_is_ignored_before_6_18():
     k = Kernel("6.12", cgroup="v2")
     a = k.mkdir("a")
     k.charge(a, 1)
-    k.stock_trylock_fails = lambda cpu: True
-    assert k.charge(a, 1).kinds() == ["stock_hit"]
+    assert k.charge(a, 1, stock_locked=lambda cpu: True).kinds() == ["stock_hit"]

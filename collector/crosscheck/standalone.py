@@ -1,0 +1,99 @@
+"""The checks of episodes that are not replayed step by step: a failed
+page charge (``__mem_cgroup_charge``), an OOM kill and a memcg reclaim seen
+outside any other episode, and ``over_max`` after a charge."""
+
+from __future__ import annotations
+
+import errno
+
+from memcgscope.model import GFP, Kernel
+
+from .episode import counters_problem
+from .reasons import BadInput, Divergence
+
+__all__ = ["check_page_charge", "check_oom_kill", "check_reclaim", "check_over_max"]
+
+_DIRECT = GFP.DIRECT_RECLAIM
+
+
+def _can_fail(cc, gfp, nr) -> bool:
+    """Can a charge of this gfp fail at all?  Replayed on a cgroup whose
+    every attempt fails and whose reclaims and OOMs do nothing."""
+    k = Kernel(cc.profile, cgroup=cc.cgroup, cpus=1, swap_account=cc.memsw)
+    m = k.mkdir("m")
+    if k.write(m, "memory.limit_in_bytes" if cc.cgroup == "v1" else "memory.max", "0"):
+        raise RuntimeError("scratch kernel: cannot set a zero limit")
+    return k.charge(m, nr, gfp, 0).ret == -errno.ENOMEM
+
+
+def check_page_charge(cc, ep, res):
+    ret, nr, gfp = ep["ret"], ep["nr_pages"], ep["gfp"]
+    ts = ep.get("ts_ns", 0)
+    end = ts + (ep.get("duration_ns") or 0)
+    nested = cc._charges_by_tid.get(ep.get("tid"))
+    if ret not in (-errno.ENOMEM, -errno.EINTR):
+        cc.flag(res, "page_charge", "page_charge_mismatch",
+                f"__mem_cgroup_charge returned {ret}; its charge returns 0 or -ENOMEM", ep)
+        return
+    if nested is not None and ts <= nested[0] and nested[1] <= end:
+        if nested[3] != ret or nested[2] != nr:
+            cc.flag(res, "page_charge", "page_charge_mismatch",
+                    f"returned {ret} for {nr} pages; its charge returned {nested[3]} "
+                    f"for {nested[2]}", ep)
+        else:
+            res.checks.append(("page_charge", "ok"))
+        return
+    # no nested charge seen: can this gfp fail at all?
+    key = ("page", gfp, nr)
+    can_fail = cc._cache.get(key)
+    if can_fail is None:
+        try:
+            can_fail = _can_fail(cc, gfp, nr)
+        except Exception as e:   # a bug of ours, kept like any outcome
+            can_fail = ("replay_error", f"{type(e).__name__}: {e}")
+        cc._cache.put(key, can_fail)
+    if type(can_fail) is tuple:
+        cc.flag(res, "page_charge", can_fail[0], can_fail[1], ep)
+    elif can_fail or ret == -errno.EINTR:
+        res.checks.append(("page_charge", "ok"))
+    else:
+        cc.flag(res, "page_charge", "page_charge_mismatch",
+                f"-ENOMEM for gfp {gfp:#x}, which the model always forces", ep)
+
+
+def check_oom_kill(cc, ep, res):
+    if type(ep.get("victim_pid")) is not int:
+        cc.flag(res, "oom_kill", "malformed", "victim_pid: an oom_kill without a victim_pid", ep)
+        return
+    res.kills += 1
+    res.checks.append(("oom_kill", "ok"))
+
+
+def check_reclaim(cc, ep, res):
+    freed, gfp = ep.get("ret"), ep.get("gfp")
+    if type(freed) is not int or freed < 0:
+        cc.flag(res, "reclaim", "malformed", f"ret: reclaim freed {freed!r}", ep)
+    elif isinstance(gfp, int) and not gfp & _DIRECT:
+        cc.flag(res, "reclaim", "reclaim_not_allowed",
+                f"memcg reclaim with gfp {gfp:#x} (no __GFP_DIRECT_RECLAIM)", ep)
+    else:
+        res.checks.append(("reclaim", "ok"))
+
+
+def check_over_max(cc, ep, res, ts):
+    """v1 limits are never set below usage and a successful try_charge keeps
+    usage <= max, so only forced charges push usage above max.  Forced
+    charges seen recently (any cgroup: the tree may be unknown) excuse it."""
+    ent, ex = ep.get("entry"), ep.get("exit")
+    problem = counters_problem(ep, "entry", cc.memsw) or counters_problem(ep, "exit", cc.memsw)
+    if problem:
+        raise BadInput(problem)
+    if not ex or not ent or ent.get("max") != ex.get("max"):
+        return
+    if cc._last_forced_ns is not None and ts - cc._last_forced_ns <= cc.forced_window_ns:
+        return
+    if ex["usage"] > ex["max"] + cc.over_max_slack:
+        res.checks[-1] = ("charge", "divergent")
+        res.divergences.append(Divergence(
+            "charge", "over_max",
+            f"usage {ex['usage']} > max {ex['max']} after a charge that was not forced", ep))
