@@ -921,7 +921,7 @@ class Fetcher:
             return self._fetch_kernel(res, m or {})
 
     def _fetch_kernel(self, res: Resolution, old: dict) -> KernelFiles:
-        start = time.monotonic()
+        start, downloaded = time.monotonic(), self.downloaded_bytes
         rel = res.release
         final = self.cache.kernel(rel)
         stage = self.cache.p("kernels", f".{rel}.partial")
@@ -960,7 +960,7 @@ class Fetcher:
             "headers_kind": res.headers_kind, "headers_source": hsource,
             "headers_release": res.headers_release, "packages": pkgs, "resolved": res.note,
             "headers_packages": [p.spec for p in res.headers],
-            "seconds": round(seconds, 1),
+            "seconds": round(seconds, 1), "downloaded_bytes": self.downloaded_bytes - downloaded,
         }
         manifest = dict(old, schema=MANIFEST_SCHEMA, release=rel, kernel=kernel, fetched=time.time(),
                         paths=sorted(set(old.get("paths", [])) | set(paths)), outside_cache=[])
@@ -968,8 +968,8 @@ class Fetcher:
             manifest["kheaders"] = kheaders
         self.cache.makedirs(self.cache.p("manifests"))
         _write_json(self.cache.manifest(rel), manifest)
-        size = sum(p["size"] for p in pkgs)
-        self.log(f"{rel}: {len(pkgs)} packages, {size / 1e6:.0f} MB, in {seconds:.0f}s -> {final}")
+        self.log(f"{rel}: {(self.downloaded_bytes - downloaded) / 1e6:.0f} MB downloaded, laid out in "
+                 f"{seconds:.0f}s -> {final}")
         return self._files(manifest)
 
     def _download_unpack(self, pkgs: list[Package], dest: str) -> list[dict]:
