@@ -20,6 +20,7 @@ COMMANDS = {
     "record": "record_cmd",
     "run": "run_cmd",
     "replay": "replay_cmd",
+    "validate": "validate_cmd",
     "kernels": "kernels",
 }
 
@@ -40,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv   # argparse drops '--'; `validate -- CMD` needs to know it was there
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

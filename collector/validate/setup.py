@@ -1,0 +1,151 @@
+"""What one `validate` run needs, set up once and torn down on every exit
+path: the memory hierarchy, the scratch parent (never outside the
+caller's own cgroup unless --parent says so), the probe session, the
+profile of this kernel, and the facts that decide which scenarios apply."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import asdict
+
+from memcgscope.probes.sysroot import SysRoot
+
+__all__ = ["SetupError", "environment", "Environment", "thp_setting", "workdir_problem"]
+
+#: filesystems whose pages are not page cache reclaim can drop (tmpfs,
+#: ramfs: shmem; 9p, overlay on tmpfs: not charged as page cache in a guest)
+_NOT_PAGE_CACHE = {"tmpfs", "ramfs", "9p", "overlay", "devtmpfs", "proc", "sysfs", "cgroup", "cgroup2"}
+
+
+class SetupError(Exception):
+    """One line: what, where, the fix."""
+
+
+def thp_setting(sysroot: SysRoot) -> str:
+    text = sysroot.read_text("/sys/kernel/mm/transparent_hugepage/enabled") or ""
+    for word in text.split():
+        if word.startswith("[") and word.endswith("]"):
+            return word[1:-1]
+    return "never"
+
+
+def workdir_problem(path: str, sysroot: SysRoot) -> str | None:
+    if not os.path.isdir(path):
+        return f"--workdir {path}: not a directory; give a directory on a local disk filesystem"
+    real = os.path.realpath(path)
+    best, fstype = "", None
+    for m in sysroot.mounts():
+        mp = m.mountpoint.rstrip("/") or "/"
+        if (real == mp or real.startswith(mp.rstrip("/") + "/") or mp == "/") and len(mp) >= len(best):
+            best, fstype = mp, m.fstype
+    if fstype in _NOT_PAGE_CACHE:
+        return (f"--workdir {path} is on {fstype}, whose pages are not page cache that reclaim can drop; "
+                f"give a directory on a disk filesystem (ext4, xfs, btrfs)")
+    return None
+
+
+class Environment:
+    def __init__(self, *, hierarchy, resolver, parent, facts, resolution, report, session, validator):
+        self.hierarchy = hierarchy
+        self.resolver = resolver
+        self.parent = parent
+        self.facts = facts
+        self.resolution = resolution
+        self.report = report
+        self.session = session
+        self.validator = validator
+
+    def header(self) -> str:
+        r, res = self.report, self.resolution
+        mode = self.session.mode if self.session is not None else "no probes"
+        lines = [f"memcgscope validate: kernel {r.kernel} ({res.upstream or 'version unknown'}), "
+                 f"model profile {res.profile.name}, {mode}",
+                 f"  cgroup {self.facts.cgroup} at {self.hierarchy.mountpoint}; scratch cgroups below "
+                 f"{self.parent}"]
+        if res.warning:
+            lines.append(f"  warning: {res.warning}")
+        return "\n".join(lines)
+
+    def facts_json(self) -> dict:
+        r, res = self.report, self.resolution
+        return {"kernel": r.kernel, "kernel_version": r.kernel_version, "upstream": res.upstream,
+                "profile": res.profile.name, "profile_reason": res.reason, "profile_warning": res.warning,
+                "mode": self.session.mode if self.session is not None else None,
+                "facts": asdict(self.facts), "parent": self.parent}
+
+
+@contextlib.contextmanager
+def environment(args, sysroot: SysRoot | None = None):
+    from memcgscope.model.profiles import resolve_profile
+    from memcgscope.probes.detect import detect
+    from memcgscope.probes.session import Session, SessionError
+
+    from ..cgroups import CgroupError, resolver_for
+    from ..pipeline import CheckPipeline
+    from .suite import Facts, Validator
+
+    sysroot = sysroot or SysRoot("/")
+    try:
+        hierarchy, resolver = resolver_for(sysroot)
+    except CgroupError as e:
+        raise SetupError(str(e)) from None
+    version = f"v{hierarchy.version}"
+    own = os.path.join(sysroot.path(hierarchy.mountpoint), hierarchy.own_cgroup.lstrip("/"))
+    if args.parent:
+        parent = args.parent
+        mount = sysroot.path(hierarchy.mountpoint)
+        if not os.path.isdir(parent) or not os.path.realpath(parent).startswith(os.path.realpath(mount)):
+            raise SetupError(f"--parent {parent}: not a cgroup directory of the memory hierarchy at {mount}; "
+                             f"give a directory below it that you own")
+    elif hierarchy.own_cgroup == "/":
+        raise SetupError(f"you run in the root memory cgroup of {hierarchy.mountpoint}: memcgscope makes scratch "
+                         f"cgroups only below your own; pass --parent DIR to name where they may go")
+    else:
+        parent = own
+    if version == "v2":
+        try:   # `parent` is a real directory (own is already below the sysroot)
+            with open(os.path.join(parent, "cgroup.subtree_control")) as f:
+                enabled = f.read().split()
+        except OSError:
+            enabled = []
+        if "memory" not in enabled:
+            raise SetupError(f"{parent}: the memory controller is not enabled for its children "
+                             f"(cgroup.subtree_control); run from a delegated cgroup (systemd-run --scope "
+                             f"-p Delegate=yes ...) or pass --parent with one")
+    problem = workdir_problem(args.workdir, sysroot)
+    if problem:
+        raise SetupError(problem)
+    session = None
+    try:
+        if getattr(args, "no_probes", False):
+            report = detect(sysroot)
+        else:
+            session = Session(args.mode, sysroot=sysroot)
+            try:
+                session.open()
+            except SessionError as e:
+                raise SetupError(f"{e} (or pass --no-probes to compare end states only)") from None
+            report = session.report
+        try:
+            resolution = resolve_profile(report.kernel, report.kernel_version, signature=report.version_signature,
+                                         override=args.profile)
+        except ValueError as e:
+            raise SetupError(f"--profile: {e}" if args.profile else f"kernel {report.kernel}: {e}") from None
+        memsw = version == "v1" and os.path.exists(os.path.join(own, "memory.memsw.limit_in_bytes"))
+        facts = Facts(version, bool(sysroot.swaps()), memsw, thp_setting(sysroot),
+                      resolution.profile.has_memory_reclaim)
+
+        def pipeline_for():
+            resolver.rescan()   # the scenario's cgroups are new
+            return CheckPipeline(resolution.profile, version, memsw, session.visibility(),
+                                 ancestors=resolver.ancestors)
+
+        validator = Validator(facts, resolution, parent=parent, workdir=args.workdir, session=session,
+                              pipeline_for=pipeline_for if session is not None else None,
+                              scratch_limit=args.scratch_limit)
+        yield Environment(hierarchy=hierarchy, resolver=resolver, parent=parent, facts=facts,
+                          resolution=resolution, report=report, session=session, validator=validator)
+    finally:
+        if session is not None:
+            session.close()
