@@ -59,13 +59,15 @@ class Environment:
     def header(self) -> str:
         r, res = self.report, self.resolution
         mode = self.session.mode if self.session is not None else "no probes"
+        import textwrap
         lines = [f"memcgscope validate: kernel {r.kernel} ({res.upstream or 'version unknown'}), "
                  f"model profile {res.profile.name}, {mode}",
-                 f"  cgroup {self.facts.cgroup} at {self.hierarchy.mountpoint}; scratch cgroups below "
+                 f"cgroup {self.facts.cgroup} at {self.hierarchy.mountpoint}; scratch cgroups below "
                  f"{self.parent}"]
         if res.warning:
-            lines.append(f"  warning: {res.warning}")
-        return "\n".join(lines)
+            lines.append(f"warning: {res.warning}")
+        return "\n".join(textwrap.fill(line, 80, subsequent_indent="  ", break_long_words=True,
+                                       break_on_hyphens=False) for line in lines)
 
     def facts_json(self) -> dict:
         r, res = self.report, self.resolution
