@@ -21,6 +21,7 @@ COMMANDS = {
     "run": "run_cmd",
     "replay": "replay_cmd",
     "validate": "validate_cmd",
+    "trace": "trace_cmd",
     "kernels": "kernels",
 }
 
