@@ -64,6 +64,7 @@ class CrossChecker:
         self.over_max_slack = over_max_slack
         self.forced_window_ns = forced_window_ns
         self._cache = ShapeCache(SHAPE_CACHE_SIZE)
+        self._hot = self._cache.hot       # the lookup of nearly every episode
         self._last_forced_ns = None       # ts of the last (possibly) forced charge seen
         self._charges_by_tid: dict = {}   # tid -> (ts, end, nr, ret) of its last charge
         self.replays = 0                  # full model replays run (cache misses)
@@ -142,7 +143,7 @@ class CrossChecker:
         if self.ancestors is not None and not self._check_ancestry(ep, ids, res, "charge"):
             return
         key = ("charge", gfp, nr, ret, shape)
-        out = self._cache.hot(key)
+        out = self._hot(key)
         if out is None and (out := self._cache.get(key)) is None:
             self._valid_or_raise(ep)     # a cached key comes from a valid episode
             self.replays += 1
@@ -181,10 +182,11 @@ class CrossChecker:
         if ep.get("complete") is False:
             res.checks.append(("limit_write", "skipped"))
             return
-        self._valid_or_raise(ep)         # rare: every one is validated in full
         cid = ep["cgroup_id"]
         fname = ep["file"]
         ret = ep["ret"]
+        if type(cid) is not int:
+            raise BadInput()
         shape, ids = shape_of(ep.get("steps") or (), cid, self.memsw)
         res.kills += sum(1 for s in shape if s[0] == "K")
         if not self._check_ancestry(ep, ids, res, "limit_write"):
@@ -200,19 +202,22 @@ class CrossChecker:
         if fname in V1_FILES:
             ent = ep.get("entry") or {}
             value = ep["value"]
+            if type(value) is not int or value < 0:     # not in the key: checked here
+                raise BadInput()
             memsw_file = fname == "memory.memsw.limit_in_bytes"
             inv = (value >= ent.get("max", 0)) if memsw_file else (value <= ent.get("memsw_max", BIG))
             key = ("v1_limit", fname, ret, bool(ent), bool(inv), shape)
         else:
             key = ("v2_limit", fname, ret, ep.get("text"), ep.get("value"),
                    (ep.get("exit") or {}).get("max"), shape)
-        out = self._cache.hot(key)
+        out = self._hot(key)
         if out is None and (out := self._cache.get(key)) is None:
+            self._valid_or_raise(ep)     # a cached key comes from a valid episode
             try:
                 if fname in V1_FILES:
-                    out = replay_v1_limit(self, ep, fname, ret, shape, bool(inv))
+                    out = replay_v1_limit(self, ep, fname, int(ret), as_ints(shape), bool(inv))
                 else:
-                    out = replay_v2_limit(self, ep, fname, ret, shape)
+                    out = replay_v2_limit(self, ep, fname, int(ret), as_ints(shape))
             except Exception as e:
                 out = ("divergent", "replay_error", _error(e), ())
             self._cache.put(key, out)
@@ -227,7 +232,9 @@ class CrossChecker:
 
     # -- page charge, kills, reclaim ----------------------------------------------------
     def _check_page_charge(self, ep, res):
-        self._valid_or_raise(ep)         # rare: every one is validated in full
+        ret, nr, gfp = ep["ret"], ep["nr_pages"], ep["gfp"]
+        if type(ret) is not int or type(nr) is not int or type(gfp) is not int or nr < 1:
+            raise BadInput()
         check_page_charge(self, ep, res)
 
 

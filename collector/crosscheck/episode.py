@@ -8,23 +8,23 @@ use (shape steps):
 * ``("R", rel, nr, gfp, options, progress, margin_ok, may_swap)``: reclaim
   (``margin_ok`` None when the ``after`` counters are unknown);
 * ``("D", rel)``: drain;
-* ``("O", rel, gfp, order, result)``: oom (mem_cgroup_out_of_memory);
+* ``("O", rel, gfp, order, result)``: oom (mem_cgroup_out_of_memory; the
+  result as recorded, a bool);
 * ``("K", rel)``: oom_kill.
 
 ``rel`` is 0 for the episode's memcg, 1.. for the other cgroups in order of
 appearance, None when the step does not say.
 
-Validation.  A verdict must not depend on what the cache holds, so the
-fields a charge's cache key is built from are validated by *value*, the
-way the key compares them: a number is valid if it equals a valid integer
-(``1.0`` is 1), a field that is only compared or added may be any real
-number, and the replay (run once per key) takes the integer values.  The
-fast path (``shape_of``, the checker's reads) raises as soon as something
-cannot be used, without naming it; ``problem_of`` then names the field,
-and it also runs before every full replay, so a key in the cache always
-comes from a valid episode and a hit needs no further validation.
-Limit writes and page-charge failures are rare: they are validated in
-full, every time.
+Validation.  A verdict must not depend on what the cache holds.  So the
+few fields the fast path uses outside the cache key are checked on every
+episode, by type (the charged memcg's id; a v1 limit write's value; a page
+charge's gfp, size and return value); the fields a key is built from are
+validated once per key (``problem_of`` runs before every full replay), by
+*value*, the way the key compares them: a number is valid if it equals a
+valid integer (``1.0`` is 1; the replay takes the integer), a field that is
+only compared or added may be any real number.  Everything else is judged
+only if it breaks a computation: the fast path raises without naming it,
+and ``problem_of`` then names the field.
 """
 
 from __future__ import annotations
@@ -90,10 +90,8 @@ def shape_of(steps, cid, memsw: bool):
         elif k == "drain":
             add(("D", rel))
         elif k == "oom":
-            result = s["result"]
-            if not isinstance(result, int):     # bool is an int
-                raise BadInput()
-            add(("O", rel, s.get("gfp"), s["order"], bool(result)))
+            # the result as given (true == 1): validated with the key
+            add(("O", rel, s.get("gfp"), s["order"], s["result"]))
         elif k == "oom_kill":
             add(("K", rel))
         else:
@@ -111,7 +109,7 @@ def as_ints(shape) -> tuple:
         elif s[0] == "R":
             s = ("R", s[1], int(s[2]), int(s[3]), None if s[4] is None else int(s[4])) + s[5:]
         elif s[0] == "O":
-            s = ("O", s[1], None if s[2] is None else int(s[2]), int(s[3]), s[4])
+            s = ("O", s[1], None if s[2] is None else int(s[2]), int(s[3]), bool(s[4]))
         out.append(s)
     return tuple(out)
 
@@ -133,12 +131,10 @@ def _type(v) -> str:
 
 class _Fields:
     """Checks one mapping's fields; each method returns the problem or None.
-    ``required``: the key must be there; ``null``: None is allowed;
-    ``strict``: an int and nothing else (fields validated on every
-    episode), else anything equal to one."""
+    ``required``: the key must be there; ``null``: None is allowed."""
 
-    def __init__(self, d, where="", strict=False):
-        self.d, self.where, self.strict = d, where, strict
+    def __init__(self, d, where=""):
+        self.d, self.where = d, where
 
     def _get(self, key, required, null):
         if key not in self.d:
@@ -148,59 +144,62 @@ class _Fields:
             return None, True
         return v, False
 
-    def int(self, key, required=True, null=False, minimum=None):
+    def _check(self, key, ok, what, required, null, minimum=None):
         v, done = self._get(key, required, null)
         if done:
             return v
-        if not (type(v) is int if self.strict else _whole(v)):
-            return f"{self.where}{key}: expected an integer, got {_type(v)}"
+        if not ok(v):
+            return f"{self.where}{key}: expected {what}, got {_type(v)}"
         if minimum is not None and v < minimum:
             return f"{self.where}{key}: {v} is below {minimum}"
         return None
 
+    def exact(self, key, required=True, null=False, minimum=None):
+        """An int, by type: a field checked on every episode."""
+        return self._check(key, lambda v: type(v) is int, "an integer", required, null, minimum)
+
+    def int(self, key, required=True, null=False, minimum=None):
+        """A number equal to an integer: a field of the cache key."""
+        return self._check(key, _whole, "an integer", required, null, minimum)
+
     def real(self, key, required=True, null=False):
-        v, done = self._get(key, required, null)
-        if done:
-            return v
-        if not (type(v) is int if self.strict else _real(v)):
-            return f"{self.where}{key}: expected a number, got {_type(v)}"
-        return None
+        """Any number: a field that is only compared or added."""
+        return self._check(key, _real, "a number", required, null)
 
     def str(self, key, required=True, null=False, choices=None):
-        v, done = self._get(key, required, null)
-        if done:
-            return v
-        if not isinstance(v, str):
-            return f"{self.where}{key}: expected a string, got {_type(v)}"
-        if choices is not None and v not in choices:
-            return f"{self.where}{key}: {v!r} is not one of {', '.join(choices)}"
-        return None
+        p = self._check(key, lambda v: isinstance(v, str), "a string", required, null)
+        v = self.d.get(key)
+        if not p and choices is not None and v is not None and v not in choices:
+            p = f"{self.where}{key}: {v!r} is not one of {', '.join(choices)}"
+        return p
 
     def hashable(self, key):
-        v = self.d.get(key)
         try:
-            hash(v)
+            hash(self.d.get(key))
         except TypeError:
-            return f"{self.where}{key}: expected an id, got {_type(v)}"
+            return f"{self.where}{key}: expected an id, got {_type(self.d.get(key))}"
         return None
 
-    def counters(self, key, memsw=True, empty=True):
+    def counters(self, key, fields, memsw=True, empty=True):
         """entry / exit / after: absent or null (unknown; ``empty``: {} too),
-        else {usage, max[, memsw_usage, memsw_max]} (memsw ones read only
+        else a mapping whose ``fields`` are numbers (the memsw ones read only
         with ``memsw``, and then together)."""
         v = self.d.get(key)
         if v is None or (empty and isinstance(v, Mapping) and not v):
             return None
         if not isinstance(v, Mapping):
             return f"{self.where}{key}: expected an object, got {_type(v)}"
-        sub = _Fields(v, f"{self.where}{key}.", self.strict)
-        p = sub.real("usage") or sub.real("max")
-        if not p and memsw and "memsw_max" in v:
-            p = sub.real("memsw_max") or sub.real("memsw_usage")
-        return p
+        sub = _Fields(v, f"{self.where}{key}.")
+        for name in fields:
+            p = sub.real(name, required=fields[name])
+            if p:
+                return p
+        if memsw and "memsw_max" in v:
+            return sub.real("memsw_max") or sub.real("memsw_usage")
+        return None
 
 
-def _steps_problem(ep, memsw, strict) -> str | None:
+def _steps_problem(ep, memsw) -> str | None:
     steps = ep.get("steps")
     if not steps:
         return None         # absent, null or empty: no steps
@@ -210,7 +209,7 @@ def _steps_problem(ep, memsw, strict) -> str | None:
         where = f"steps[{i}]"
         if not isinstance(s, Mapping):
             return f"{where}: expected an object, got {_type(s)}"
-        f = _Fields(s, where + ".", strict)
+        f = _Fields(s, where + ".")
         kind = s.get("kind")
         p = f.str("kind", choices=_STEP_KINDS) or f.int("cgroup_id", required=False, null=True)
         if p:
@@ -219,7 +218,7 @@ def _steps_problem(ep, memsw, strict) -> str | None:
             p = f.str("counter", choices=("memory", "memsw")) or f.int("nr_pages", minimum=1)
         elif kind == "reclaim":
             p = (f.int("nr_pages") or f.int("gfp") or f.real("freed")
-                 or f.counters("after", memsw, empty=False))
+                 or f.counters("after", _USAGE_MAX, memsw, empty=False))
             opt = s.get("options")
             if not p and opt is not None and not isinstance(opt, int):   # it is and-ed
                 p = f"{where}.options: expected an integer, got {_type(opt)}"
@@ -232,47 +231,44 @@ def _steps_problem(ep, memsw, strict) -> str | None:
     return None
 
 
+_USAGE_MAX = {"usage": True, "max": True}
+
+
 def problem_of(ep, cgroup: str, memsw: bool = False) -> str | None:
     """The first problem with the fields of ``ep`` the checker reads, as
     "field: what is wrong", or None.  The kinds' own rules (an oom_kill
     without a victim, a limit file of the other hierarchy) are the
     checks', not this; so are a charge's entry and exit, read only for
-    ``over_max``."""
+    ``over_max`` (``counters_problem``)."""
     if not isinstance(ep, Mapping):
         return f"episode: expected an object, got {_type(ep)}"
     kind = ep.get("kind")
+    f = _Fields(ep)
+    timing = (f.real("ts_ns", required=False) or f.real("duration_ns", required=False, null=True)
+              or f.hashable("tid"))
     if kind == "charge":
-        f = _Fields(ep)
-        return (f.int("cgroup_id") or _strict_int(ep, "cgroup_id") or f.int("gfp")
-                or f.int("nr_pages", minimum=1) or f.int("ret") or f.real("ts_ns", required=False)
-                or f.real("duration_ns", required=False, null=True) or f.hashable("tid")
-                or _steps_problem(ep, memsw, False))
-    f = _Fields(ep, strict=True)
-    common = (f.int("ts_ns", required=False) or f.int("duration_ns", required=False, null=True)
-              or f.int("tid", required=False, null=True))
+        return (f.exact("cgroup_id") or f.int("gfp") or f.int("nr_pages", minimum=1)
+                or f.int("ret") or timing or _steps_problem(ep, memsw))
     if kind == "limit_write":
-        p = (f.int("cgroup_id") or f.str("file") or f.int("ret") or common
-             or _steps_problem(ep, memsw, True))
+        p = f.exact("cgroup_id") or f.str("file") or f.int("ret") or _steps_problem(ep, memsw)
         if p:
             return p
         if ep["file"] in _V1_FILES and cgroup == "v1":
-            return f.int("value", minimum=0) or f.counters("entry", memsw)
+            return (f.exact("value", minimum=0)
+                    or f.counters("entry", {"max": False, "memsw_max": False}, memsw=False))
+        ex = ep.get("exit")
         return (f.str("text", required=False, null=True)
-                or f.int("value", required=False, null=True) or f.counters("exit", memsw))
+                or f.int("value", required=False, null=True)
+                or (None if not ex else f.counters("exit", {}, memsw=False)
+                    or _Fields(ex, "exit.").int("max", required=False, null=True)))
     if kind == "page_charge_fail":
-        return f.int("ret") or f.int("nr_pages", minimum=1) or f.int("gfp") or common
+        return (f.exact("ret") or f.exact("nr_pages", minimum=1) or f.exact("gfp") or timing)
     return None
 
 
 def counters_problem(ep, key, memsw: bool) -> str | None:
     """The problem with ``ep[key]`` as counters (a charge's entry or exit)."""
-    return _Fields(ep).counters(key, memsw)
-
-
-def _strict_int(ep, key):
-    # the fast path takes the charged memcg's id as is (not in the key)
-    v = ep[key]
-    return None if type(v) is int else f"{key}: expected an integer, got {_type(v)}"
+    return _Fields(ep).counters(key, _USAGE_MAX, memsw)
 
 
 # -- ancestry --------------------------------------------------------------------------

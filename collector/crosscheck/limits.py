@@ -88,18 +88,21 @@ def replay_v1_limit(cc, ep, fname, ret, shape, inv):
 def replay_v2_limit(cc, ep, fname, ret, shape):
     text = ep.get("text")
     value = ep.get("value")
-    if text is None or (isinstance(value, int) and len(text) < value and len(text) >= 23):
+    if value is not None:
+        value = int(value)          # validated: a whole number
+    if text is None or (value is not None and len(text) < value and len(text) >= 23):
         # the probe keeps 23 bytes; a longer value cannot be parsed back
         ex = ep.get("exit") or {}
-        if "max" not in ex or fname != "memory.max":
+        if ex.get("max") is None or fname != "memory.max":
             return ("skipped", "", "", ())
-        text = "max" if ex["max"] >= (1 << 63) // PAGE_SIZE else str(ex["max"] * PAGE_SIZE)
+        mx = int(ex["max"])
+        text = "max" if mx >= (1 << 63) // PAGE_SIZE else str(mx * PAGE_SIZE)
     err, pages = page_counter_memparse(text.strip(), "max")
     if err:
         if shape or ret != err:
             return ("divergent", "ret_mismatch", f"model returns {err} for {text!r}, kernel {ret}", ())
         return ("ok", "", "", ())
-    if ret >= 0 and isinstance(value, int) and ret != value:
+    if ret >= 0 and value is not None and ret != value:
         return ("divergent", "ret_mismatch", f"write of {value} bytes returned {ret}", ())
     cc.replays += 1
     return run_write(cc, "v2_write", shape, ret, fname, text, limit_max=pages)

@@ -85,14 +85,17 @@ def check_over_max(cc, ep, res, ts):
     usage <= max, so only forced charges push usage above max.  Forced
     charges seen recently (any cgroup: the tree may be unknown) excuse it."""
     ent, ex = ep.get("entry"), ep.get("exit")
-    problem = counters_problem(ep, "entry", cc.memsw) or counters_problem(ep, "exit", cc.memsw)
-    if problem:
-        raise BadInput(problem)
-    if not ex or not ent or ent.get("max") != ex.get("max"):
-        return
-    if cc._last_forced_ns is not None and ts - cc._last_forced_ns <= cc.forced_window_ns:
-        return
-    if ex["usage"] > ex["max"] + cc.over_max_slack:
+    try:
+        if not ex or not ent or ent.get("max") != ex.get("max"):
+            return
+        if cc._last_forced_ns is not None and ts - cc._last_forced_ns <= cc.forced_window_ns:
+            return
+        over = ex["usage"] > ex["max"] + cc.over_max_slack
+    except (AttributeError, KeyError, TypeError):
+        # judged where read, so that a verdict does not depend on the cache
+        raise BadInput(counters_problem(ep, "entry", cc.memsw)
+                       or counters_problem(ep, "exit", cc.memsw) or "") from None
+    if over:
         res.checks[-1] = ("charge", "divergent")
         res.divergences.append(Divergence(
             "charge", "over_max",

@@ -135,9 +135,9 @@ def test_malformed_charge_names_the_field(path, value, field):
 
 
 @pytest.mark.parametrize("path,value,field", [
-    (("exit",), [], "exit"),
+    (("exit",), "x", "exit"),
     (("exit", "usage"), KeyError, "exit.usage"),
-    (("entry", "max"), "8192", "entry.max"),
+    (("exit", "usage"), "8192", "exit.usage"),
 ])
 def test_entry_and_exit_are_validated_where_over_max_reads_them(path, value, field):
     strict = CrossChecker("6.1", "v1", True, forced_charges_visible=True)
