@@ -6,7 +6,10 @@ the id of the cgroup's kernfs node. Since Linux v5.5 (Tejun Heo's commit
 is also the inode number of the cgroup's directory in cgroupfs, and on
 64-bit kernels it is never reused. So an id is resolved by walking the
 hierarchy's mount (the v1 memory mount, or the cgroup2 mount) and indexing
-directories by st_ino; real-kernels.md §1 records this seen on this host.
+directories by st_ino (seen on a 6.18 host, where the memcg:* tracepoints'
+`id` equals the inode of the cgroup's directory in the v1 memory mount, and
+in 6.1 and 6.12 guests, where `memcg->css.cgroup->kn->id` read by the BPF
+side does).
 
 `CgroupResolver` caches the walk, remembers misses for a while, and walks
 again at most once per `rescan_interval` seconds, so a flood of events from

@@ -66,9 +66,9 @@ def run(args) -> int:
 def profile_section(report) -> dict:
     """Which model profile run/replay/validate will check this kernel
     against, and why (model.profiles.resolve_profile, the one resolver)."""
-    from memcgscope.model.profiles import resolve_profile
+    from .run_cmd import resolution_for
     try:
-        res = resolve_profile(report.kernel, report.kernel_version, signature=report.version_signature)
+        res = resolution_for(report)
     except ValueError as e:
         return {"profile": None, "upstream": None, "reason": str(e), "warning": str(e)}
     return {"profile": res.profile.name, "upstream": res.upstream, "reason": res.reason,

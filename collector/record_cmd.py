@@ -71,7 +71,7 @@ def run(args) -> int:
     from memcgscope.probes.session import Session, SessionError
 
     from .pipeline import CheckPipeline
-    from .run_cmd import print_ebpf
+    from .run_cmd import print_ebpf, resolution_for
 
     if args.ebpf:
         try:
@@ -106,8 +106,7 @@ def run(args) -> int:
             return _fail(str(e))
         report = session.report
         try:
-            resolution = resolve_profile(report.kernel, report.kernel_version, signature=report.version_signature,
-                                         override=args.profile)
+            resolution = resolution_for(report, args.profile)
         except ValueError as e:
             return _fail(f"kernel {report.kernel}: {e}")
         if resolution.warning:

@@ -19,8 +19,15 @@ import sys
 import threading
 
 DEFAULT_LISTEN = "127.0.0.1:10064"
+
+
+def resolution_for(report, override: str | None = None):
+    """The profile of the kernel a probe report describes (the one resolver,
+    model.profiles.resolve_profile); raises ValueError."""
+    from memcgscope.model.profiles import resolve_profile
+    return resolve_profile(report.kernel, report.kernel_version, signature=report.version_signature,
+                           override=override)
 DEFAULT_DIVERGENCE_LOG = "/var/log/memcgscope/divergences.jsonl"
-BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
 
 EPILOG = f"""examples:
   memcgscope run                              serve {DEFAULT_LISTEN}/metrics
@@ -75,6 +82,7 @@ def _fail(msg: str, code: int = 1) -> int:
 
 def run(args) -> int:
     from memcgscope import __version__
+    from memcgscope.probes.bpfsys import bpf_stats_enabled
     from memcgscope.probes.session import Session, SessionError
     from prometheus_client import CollectorRegistry
 
@@ -122,7 +130,8 @@ def run(args) -> int:
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     session = Session(args.mode, ringbuf_pages=args.ringbuf_pages, memcg_state=args.memcg_state)
-    stats_before = _enable_bpf_stats()
+    stats = bpf_stats_enabled()   # BPF run time per program, for memcgscope_bpf_run_seconds_total
+    stats.__enter__()
     server = None
     divergence_log = None
     try:
@@ -133,8 +142,7 @@ def run(args) -> int:
         report = session.report
         kernel = report.kernel
         try:
-            resolution = resolve_profile(kernel, report.kernel_version, signature=report.version_signature,
-                                         override=args.profile)
+            resolution = resolution_for(report, args.profile)
         except ValueError as e:
             return _fail(f"kernel {kernel}: {e}")
         profile = resolution.profile.name
@@ -185,30 +193,6 @@ def run(args) -> int:
         session.close()
         if divergence_log is not None:
             divergence_log.close()
-        _restore_bpf_stats(stats_before)
+        stats.__exit__(None, None, None)
         for s, h in old_handlers.items():
             signal.signal(s, h)
-
-
-def _enable_bpf_stats() -> str | None:
-    """Turns on kernel.bpf_stats_enabled (BPF run time per program) and
-    returns the old value to restore on exit."""
-    try:
-        with open(BPF_STATS) as f:
-            old = f.read().strip()
-        if old != "1":
-            with open(BPF_STATS, "w") as f:
-                f.write("1")
-        return old
-    except OSError:
-        return None
-
-
-def _restore_bpf_stats(old: str | None) -> None:
-    if old is None or old == "1":
-        return
-    try:
-        with open(BPF_STATS, "w") as f:
-            f.write(old)
-    except OSError:
-        pass

@@ -1,6 +1,6 @@
 """Scratch memory cgroups for workloads (validate, tests, benchmarks).
 
-Rules (design.md §6, real-kernels.md §1): a scratch cgroup is created only
+Rules (docs/architecture.md): a scratch cgroup is created only
 below the cgroup this process already runs in, gets its hard limit before
 anything runs in it, holds only processes this module started, and is
 removed on every exit path (context manager, plus a sweep of stale ones

@@ -106,7 +106,7 @@ def run(args) -> int:
     from .cgroups import CgroupError, resolver_for
     from .identity import NodeNames, identify
     from .pipeline import CheckPipeline
-    from .run_cmd import print_ebpf
+    from .run_cmd import print_ebpf, resolution_for
     from .watch import WatchList
 
     if args.ebpf:
@@ -133,7 +133,7 @@ def run(args) -> int:
             return _fail(str(e))
         r = session.report
         try:
-            res = resolve_profile(r.kernel, r.kernel_version, signature=r.version_signature, override=args.profile)
+            res = resolution_for(r, args.profile)
         except ValueError as e:
             return _fail(f"kernel {r.kernel}: {e}")
         pipeline = CheckPipeline(res.profile, f"v{hierarchy.version}", session.assembler.memsw,

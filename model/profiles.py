@@ -1,6 +1,7 @@
 """Kernel profiles: what differs between the versions the model follows.
 
-Every fact here comes from ``kernel-charge-path.md`` §1.  A profile is data;
+Every fact here is in docs/kernel-facts.md, with the kernel file and function
+it was read from.  A profile is data;
 the code that reads a field says which versions it follows.  Names:
 ``5.10`` (5.10.80+ stable, the passed_oom form), ``5.10.0`` (5.10.0–5.10.5x:
 dying tasks force early, OOM_FAILED forces), ``5.15``, ``6.1``, ``6.6``,

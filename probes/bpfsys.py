@@ -10,13 +10,16 @@ the seconds a bcc compile takes.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import platform
 import struct
 
-__all__ = ["try_fentry", "FentryResult", "prog_test_run"]
+__all__ = ["try_fentry", "FentryResult", "prog_test_run", "bpf_stats_enabled", "BPF_STATS"]
+
+BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
 
 BPF_PROG_LOAD = 5
 BPF_PROG_TEST_RUN = 10
@@ -106,3 +109,28 @@ def _classify(err: int, doing: str, log: str) -> FentryResult:
         return FentryResult("unsupported", f"{name} {doing}: not supported by this kernel"
                             + (f" ({last})" if last else ""), err)
     return FentryResult("error", f"{name} {doing}: {os.strerror(err)}", err)
+
+
+@contextlib.contextmanager
+def bpf_stats_enabled(path: str = BPF_STATS):
+    """kernel.bpf_stats_enabled on for the duration (the kernel then keeps
+    each program's run time and run count), the old value restored after;
+    yields whether it is on (False where the file cannot be written)."""
+    try:
+        with open(path) as f:
+            old = f.read().strip()
+        if old != "1":
+            with open(path, "w") as f:
+                f.write("1")
+    except OSError:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        if old != "1":
+            try:
+                with open(path, "w") as f:
+                    f.write(old)
+            except OSError:
+                pass

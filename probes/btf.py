@@ -2,7 +2,7 @@
 
 Two uses: the BTF id of a function (what an fentry program attaches to),
 and struct field offsets of the *running* kernel, for BPF programs compiled
-against headers of another version (real-kernels.md §3). Format: the
+against headers of another version. Format: the
 kernel's Documentation/bpf/btf.rst; only what those uses need is decoded.
 """
 

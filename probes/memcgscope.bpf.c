@@ -4,7 +4,8 @@
 // wrappers for the mode in use (fentry/fexit, kprobe/kretprobe, or
 // tracepoints) and passes, as -D flags, the struct field offsets of the
 // *running* kernel read from its BTF, so the headers bcc compiles against
-// may be another version's (real-kernels.md §3).
+// may be another version's (a host without matching headers uses the
+// nearest Debian ones).
 //
 // Fast charges cost map updates only. A charge becomes an *episode* that
 // crosses the ring buffer once it does something slow (a counter failure,

@@ -1,6 +1,6 @@
 """What memcgscope probes: kernel functions and tracepoints, by role.
 
-Names follow kernel-charge-path.md §2 and §7. A role lists alternative
+Names and versions: docs/kernel-facts.md §4. A role lists alternative
 names, newest first; the first one the running kernel has is used.
 """
 

@@ -40,7 +40,7 @@ for tier in sys.argv[2:]:
         t, f, e, s = (int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped"))
         passed += t - f - e - s; failed += f + e; skipped += s
 print(f"{passed} passed, {failed} failed, {skipped} skipped")
-# a skipped test is not a pass here (design.md §5)
+# a skipped test is not a pass here (docs/architecture.md, Tests)
 sys.exit(1 if failed or skipped else 0)
 PY
 [ $? -ne 0 ] && failed=1

@@ -79,12 +79,12 @@ class Environment:
 
 @contextlib.contextmanager
 def environment(args, sysroot: SysRoot | None = None):
-    from memcgscope.model.profiles import resolve_profile
     from memcgscope.probes.detect import detect
     from memcgscope.probes.session import Session, SessionError
 
     from ..cgroups import CgroupError, resolver_for
     from ..pipeline import CheckPipeline
+    from ..run_cmd import resolution_for
     from .suite import Facts, Validator
 
     sysroot = sysroot or SysRoot("/")
@@ -130,8 +130,7 @@ def environment(args, sysroot: SysRoot | None = None):
                 raise SetupError(f"{e} (or pass --no-probes to compare end states only)") from None
             report = session.report
         try:
-            resolution = resolve_profile(report.kernel, report.kernel_version, signature=report.version_signature,
-                                         override=args.profile)
+            resolution = resolution_for(report, args.profile)
         except ValueError as e:
             raise SetupError(f"--profile: {e}" if args.profile else f"kernel {report.kernel}: {e}") from None
         memsw = version == "v1" and os.path.exists(os.path.join(own, "memory.memsw.limit_in_bytes"))

@@ -14,7 +14,6 @@ so absolute costs and ratios are distorted; compare modes with each other.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import statistics
@@ -26,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from memcgscope.collector.scratch import ScratchCgroup  # noqa: E402
 from memcgscope.probes.detect import detect  # noqa: E402
+from memcgscope.probes.bpfsys import bpf_stats_enabled  # noqa: E402
 from memcgscope.probes.session import Session  # noqa: E402
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "faultloop.c")
@@ -47,20 +47,10 @@ def one_run(cg: ScratchCgroup, exe: str, iters: int) -> float:
     return float(r.stdout.strip())
 
 
-@contextlib.contextmanager
 def bpf_stats():
     """kernel.bpf_stats_enabled on for the measurement (the kernel's own
     count of time spent in our programs), restored after."""
-    path = "/proc/sys/kernel/bpf_stats_enabled"
-    with open(path) as f:
-        old = f.read().strip()
-    with open(path, "w") as f:
-        f.write("1")
-    try:
-        yield
-    finally:
-        with open(path, "w") as f:
-            f.write(old)
+    return bpf_stats_enabled()
 
 
 def measure(modes: list[str], rounds: int, iters: int, memcg_state: bool = False) -> dict[str, dict]:

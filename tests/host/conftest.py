@@ -1,5 +1,5 @@
 """tests/host: root on this machine's own kernel. Without root the tests
-fail with the fix; they are never skipped (design.md §5)."""
+fail with the fix; they are never skipped."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 Scratch cgroups go below this process's own memory cgroup, get a 64M limit
 before anything else, and are removed on every exit path
-(real-kernels.md §1). Nothing else in cgroupfs is written to.
+(this session's processes live below /sys/fs/cgroup/memory/process_api/).
+Nothing else in cgroupfs is written to.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def scratch():
 
 def test_resolves_scratch_cgroups_to_their_paths(scratch):
     h, own, mkcg = scratch
-    assert h.version == 1 and h.mountpoint == "/sys/fs/cgroup/memory"  # this host (real-kernels.md §1)
+    assert h.version == 1 and h.mountpoint == "/sys/fs/cgroup/memory"  # this host: a v1 memory hierarchy
     name = f"{PREFIX}{os.getpid()}"
     parent = mkcg(name)
     child = mkcg(f"{name}/inner")

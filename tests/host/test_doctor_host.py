@@ -1,5 +1,5 @@
 """doctor on this host's real 6.18 kernel: tracepoint mode, no kprobes,
-fentry refused, cgroup v1 memory with swap accounting (real-kernels.md §1)."""
+fentry refused, cgroup v1 memory with swap accounting."""
 
 from __future__ import annotations
 

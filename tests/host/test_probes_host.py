@@ -17,6 +17,7 @@ import pytest
 
 from memcgscope.collector.scratch import ScratchCgroup
 from memcgscope.probes.detect import tracefs_mounted
+from memcgscope.probes.bpfsys import bpf_stats_enabled
 from memcgscope.probes.session import Session, SessionError
 from memcgscope.probes.sysroot import SysRoot
 from promkit import bpf_prog_ids, new_programs_after_grace
@@ -181,12 +182,8 @@ def test_pause_detaches_every_program(tmp_path):
     memcg:* raw tracepoints attached, so bare rounds still ran BPF on every
     page fault and the overhead was understated. Paused, no program of ours
     runs while a workload faults; resumed, they run again."""
-    stats = "/proc/sys/kernel/bpf_stats_enabled"
-    with open(stats) as f:
-        before = f.read().strip()
-    with open(stats, "w") as f:
-        f.write("1")
-    try:
+    with bpf_stats_enabled() as on:
+        assert on
         with Session("tracepoint") as s, ScratchCgroup("pause", "64M") as cg:
             assert any(p.kind == "tracepoint" and p.target.startswith("memcg:") and p.attached
                        for p in s.status()), "this host's kernel has the memcg:* tracepoints (6.13+)"
@@ -203,6 +200,3 @@ def test_pause_detaches_every_program(tmp_path):
             r1 = runs()
             assert cg.run(touch).returncode == 0
             assert runs() > r1
-    finally:
-        with open(stats, "w") as f:
-            f.write(before)

@@ -4,7 +4,7 @@ for the host-side test to check.
 
     python3 guest_probe_workload.py MODE OUT.json [--episodes FILE.jsonl]
 
-Workloads (real-kernels.md §2):
+Workloads:
   thp      touch 64M of anon with THP in a 32M cgroup: huge-page charges
            fail with -ENOMEM (no reclaim bits), small pages reclaim, OOM
   file     write 96M through the page cache of a 32M cgroup: reclaim frees
@@ -29,7 +29,7 @@ from memcgscope.collector.daemon import Daemon, DivergenceLog, Facts  # noqa: E4
 from memcgscope.collector.pipeline import CheckPipeline  # noqa: E402
 from memcgscope.collector.scratch import ScratchCgroup, own_memory_cgroup_dir  # noqa: E402
 from memcgscope.collector.watch import WatchList  # noqa: E402
-from memcgscope.model.profiles import resolve_profile  # noqa: E402
+from memcgscope.collector.run_cmd import resolution_for  # noqa: E402
 from memcgscope.probes.session import Session  # noqa: E402
 
 PY = sys.executable
@@ -128,8 +128,7 @@ def main() -> int:
         result["probes"] = [p.__dict__ for p in s.status()]
         hierarchy, resolver = resolver_for()
         # the one resolver run uses (uname -v carries Debian 5.10's real version)
-        resolution = resolve_profile(s.report.kernel, s.report.kernel_version,
-                                     signature=s.report.version_signature)
+        resolution = resolution_for(s.report)
         profile = resolution.profile.name
         cgroup = f"v{hierarchy.version}"
         div_path = os.path.join(os.path.dirname(os.path.abspath(out_path)), "divergences.jsonl")
