@@ -51,19 +51,43 @@ def _bpf(cmd: int, attr: ctypes.Array) -> tuple[int, int]:
     return ret, ctypes.get_errno()
 
 
-def try_fentry(btf_id: int) -> FentryResult:
-    """Load and attach `return 0` as fentry on the function with `btf_id`."""
-    # r0 = 0; exit
-    insns = struct.pack("<BBhi", 0xB7, 0, 0, 0) + struct.pack("<BBhi", 0x95, 0, 0, 0)
+def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+    return struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
+
+
+_MOV_X, _MOV_K, _ADD_K, _CALL, _EXIT = 0xBF, 0xB7, 0x07, 0x85, 0x95
+BPF_FUNC_PROBE_READ_KERNEL = 113
+BPF_FUNC_GET_FUNC_ARG = 183
+#: how an fentry program reads its arguments (probes/program.py uses the same)
+ARG_READS = {
+    # nothing: the attach itself
+    None: b"",
+    # bpf_get_func_arg(ctx, 0, fp - 8): Linux 5.17+
+    "helper": _insn(_MOV_X, 6, 1) + _insn(_MOV_X, 1, 6) + _insn(_MOV_K, 2, imm=0) + _insn(_MOV_X, 3, 10)
+    + _insn(_ADD_K, 3, imm=-8) + _insn(_CALL, imm=BPF_FUNC_GET_FUNC_ARG),
+    # bpf_probe_read_kernel(fp - 8, 8, ctx): the trampoline's saved argument,
+    # read as memory (kernels before 5.17)
+    "frame": _insn(_MOV_X, 3, 1) + _insn(_MOV_X, 1, 10) + _insn(_ADD_K, 1, imm=-8) + _insn(_MOV_K, 2, imm=8)
+    + _insn(_CALL, imm=BPF_FUNC_PROBE_READ_KERNEL),
+}
+
+
+def try_fentry(btf_id: int, args: str | None = None) -> FentryResult:
+    """Load and attach a minimal fentry program on the function with
+    `btf_id`; with ``args`` ("helper" or "frame") it first reads argument 0
+    the way the real program will, so a kernel that refuses that way of
+    reading (no bpf_get_func_arg before 5.17) answers here."""
+    # [read an argument;] r0 = 0; exit
+    insns = ARG_READS[args] + _insn(_MOV_K, 0, imm=0) + _insn(_EXIT)
     insn_buf = ctypes.create_string_buffer(insns, len(insns))
     license_buf = ctypes.create_string_buffer(b"GPL")
     log_buf = ctypes.create_string_buffer(4096)
     attr = ctypes.create_string_buffer(128)
     # union bpf_attr, BPF_PROG_LOAD layout (include/uapi/linux/bpf.h)
-    struct.pack_into("<II", attr, 0, BPF_PROG_TYPE_TRACING, 2)
+    struct.pack_into("<II", attr, 0, BPF_PROG_TYPE_TRACING, len(insns) // 8)   # prog_type, insn_cnt
     struct.pack_into("<Q", attr, 8, ctypes.addressof(insn_buf))
     struct.pack_into("<Q", attr, 16, ctypes.addressof(license_buf))
-    struct.pack_into("<II", attr, 24, 1, len(log_buf))
+    struct.pack_into("<II", attr, 24, 1, len(log_buf))                         # log_level, log_size
     struct.pack_into("<Q", attr, 32, ctypes.addressof(log_buf))
     attr[48:48 + 16] = b"memcgscope_chk".ljust(16, b"\0")
     struct.pack_into("<I", attr, 68, BPF_TRACE_FENTRY)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 
-from .detect import Finding, LiveChecks, kernel_source, tracefs_mounted, KHEADERS_CACHE
+from .detect import Finding, LiveChecks, kernel_source, kheaders_cache, tracefs_mounted
 from .sysroot import SysRoot
 from .targets import FUNCTIONS, TRACEPOINTS
 
@@ -76,7 +76,7 @@ def capture(out_dir: str, sysroot: SysRoot | None = None, active=None) -> list[s
                        "/sys/kernel/kheaders.tar.xz", f"/lib/modules/{release}/build/include"):
             if sysroot.exists(marker):
                 put(marker if not sysroot.isdir(marker) else marker + "/.present", "")
-        tree = f"{KHEADERS_CACHE}/{release}/.memcgscope-source"
+        tree = f"{kheaders_cache()}/{release}/.memcgscope-source"
         copy(tree)
 
         tracing = sysroot.tracing_dir()

@@ -17,10 +17,15 @@ from .sysroot import SysRoot
 from .targets import FUNCTIONS, TRACEPOINTS
 
 __all__ = ["Finding", "FunctionFinding", "Report", "LiveChecks", "RecordedChecks",
-           "detect", "MODES", "kernel_source", "KHEADERS_CACHE"]
+           "detect", "MODES", "kernel_source", "bcc_kernel_source", "kheaders_cache", "KHEADERS_CACHE"]
 
 MODES = ("fentry", "kprobe", "tracepoint")
-KHEADERS_CACHE = "/var/cache/memcgscope/kheaders"
+KHEADERS_CACHE = "/var/cache/memcgscope/kheaders"   # the default; MEMCGSCOPE_CACHE moves it
+
+
+def kheaders_cache() -> str:
+    """Where scripts/setup.sh (collector/kernels.py) puts header trees."""
+    return os.path.join(os.environ.get("MEMCGSCOPE_CACHE", "/var/cache/memcgscope"), "kheaders")
 
 
 @dataclass
@@ -113,6 +118,7 @@ class LiveChecks:
     def fentry(self, sysroot: SysRoot, func: str) -> Finding:
         from .btf import BTF, BTFError
         from .bpfsys import try_fentry
+        from .program import fentry_arg_reads
         try:
             btf = BTF.from_file(sysroot.path("/sys/kernel/btf/vmlinux"))
         except BTFError as e:
@@ -122,9 +128,12 @@ class LiveChecks:
             return Finding("absent", f"{func} has no BTF entry (inlined or not built)")
         if os.geteuid() != 0:
             return Finding("unknown", "not checked: loading a BPF program needs root", "run memcgscope doctor as root")
-        result = try_fentry(btf_id)
+        reads = fentry_arg_reads(btf)
+        how = ("arguments read with bpf_get_func_arg" if reads == "helper" else
+               "arguments read from the trampoline frame (no bpf_get_func_arg before 5.17)")
+        result = try_fentry(btf_id, args=reads)
         if result.state == "ok":
-            return Finding("ok", f"{result.detail} ({func})")
+            return Finding("ok", f"{result.detail} ({func}); {how}")
         fix = None
         if result.state == "refused":
             lockdown = (sysroot.read_text("/sys/kernel/security/lockdown") or "").strip()
@@ -170,6 +179,16 @@ def tracefs_mounted(sysroot: SysRoot):
 
 # --- headers ----------------------------------------------------------------
 
+def bcc_kernel_source(sysroot: SysRoot) -> str | None:
+    """The header tree to hand bcc in BCC_KERNEL_SOURCE, or None when bcc
+    finds the headers itself (/lib/modules/<release>/build)."""
+    kind, path, _ = kernel_source(sysroot)
+    release = sysroot.kernel_release()
+    if path and kind in ("matching", "fallback") and path != sysroot.path(f"/lib/modules/{release}/build"):
+        return path
+    return None
+
+
 def kernel_source(sysroot: SysRoot) -> tuple[str, str | None, str]:
     """("matching" | "fallback" | "builtin" | "none", path, detail) for bcc."""
     release = sysroot.kernel_release()
@@ -179,10 +198,12 @@ def kernel_source(sysroot: SysRoot) -> tuple[str, str | None, str]:
     env = os.environ.get("BCC_KERNEL_SOURCE")
     if env and sysroot.live and os.path.isdir(env):
         return "fallback", env, f"BCC_KERNEL_SOURCE={env}"
-    tree = f"{KHEADERS_CACHE}/{release}"
-    source = sysroot.read_text(tree + "/.memcgscope-source")
+    tree = f"{kheaders_cache()}/{release}"
+    source = (sysroot.read_text(tree + "/.memcgscope-source") or "").strip()
     if source:
-        return "fallback", sysroot.path(tree), f"{tree} (from {source.strip()})"
+        # "<package> <version>, matching|nearest" (collector/kernels.py)
+        kind = "matching" if source.endswith(", matching") else "fallback"
+        return kind, sysroot.path(tree), f"{tree} (from {source})"
     if sysroot.exists("/sys/kernel/kheaders.tar.xz"):
         return "builtin", None, "/sys/kernel/kheaders.tar.xz (CONFIG_IKHEADERS)"
     return "none", None, f"no {build} and no fallback tree in {tree}"
@@ -236,7 +257,8 @@ def _detect(sysroot: SysRoot, active) -> Report:
         checks["headers"] = Finding("ok", f"{kind}: {detail}; struct fields are read at BTF offsets")
     else:
         checks["headers"] = Finding("absent", detail,
-                                    f"run scripts/setup.sh (installs linux-headers-{release} or the nearest as a fallback tree)")
+                                    f"run scripts/setup.sh (fetches Debian's headers for {release}, or the nearest, into "
+                                    f"memcgscope's cache; nothing is installed)")
 
     cgroups = _cgroups(sysroot)
     if cgroups.v1_memory is None and not cgroups.v2_memory:

@@ -136,10 +136,22 @@ BPF_PERF_OUTPUT(events);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 #endif
 
-// bpf_get_func_arg / bpf_get_func_ret (helpers 183, 184; Linux 5.17+), by
-// number: the headers bcc compiles against may predate them.
+// fentry/fexit arguments. bpf_get_func_arg / bpf_get_func_ret (helpers 183,
+// 184, Linux 5.17+: kernel/trace/bpf_trace.c) by number, as the headers bcc
+// compiles against may predate them. Before 5.17 (Debian 5.10) the
+// trampoline's saved arguments are read as memory: ctx[i] holds argument i
+// and, in fexit, ctx[nr_args] the return value (arch/x86/net/bpf_jit_comp.c
+// save_regs); a typed read of ctx[i] would be refused for pointer-to-pointer
+// arguments ("arg2 type PTR is not a struct", kernel/bpf/btf.c btf_ctx_access).
+#ifdef HAVE_GET_FUNC_ARG
 static long (*mcs_get_func_arg)(void *ctx, u32 n, u64 *value) = (void *)183;
 static long (*mcs_get_func_ret)(void *ctx, u64 *value) = (void *)184;
+#define MCS_ARG(ctx, i, v) mcs_get_func_arg(ctx, i, v)
+#define MCS_RET(ctx, n, v) mcs_get_func_ret(ctx, v)
+#else
+#define MCS_ARG(ctx, i, v) bpf_probe_read_kernel(v, sizeof(u64), (void *)(ctx) + 8 * (i))
+#define MCS_RET(ctx, n, v) bpf_probe_read_kernel(v, sizeof(u64), (void *)(ctx) + 8 * (n))
+#endif
 
 static __always_inline u64 read_u64(u64 addr) {
     u64 v = 0;
@@ -191,6 +203,8 @@ static __always_inline void count_ctx_reset(void) {
 #define THREAD_SIZE 16384
 #endif
 static __always_inline int on_task_stack(u64 sp) {
+    if (!sp)
+        return 0;   // no stack pointer given (fentry): the check is off
     u64 base = read_u64(bpf_get_current_task() + OFF_TASK_STACK);
     return base && sp - base < THREAD_SIZE;
 }

@@ -19,7 +19,7 @@ from .episodes import c_definitions
 from .targets import TRACEPOINTS
 
 __all__ = ["ProbeStatus", "Program", "build_program", "kernel_offsets", "ROLE_HANDLERS", "ProgramError",
-           "HIST_SLOTS", "source_text"]
+           "HIST_SLOTS", "source_text", "fentry_arg_reads"]
 
 SOURCE = os.path.join(os.path.dirname(__file__), "memcgscope.bpf.c")
 LAYOUT_MARK = "// @EVENT_LAYOUT@"
@@ -32,6 +32,13 @@ HIST_SLOTS = 40
 #: metric memcgscope_map_full_drops_total{map} names them
 COUNTED_MAPS = ("tasks", "charge_stats", "charge_lat", "page_charge_stats", "reclaim_stats",
                 "reclaim_lat", "limit_stats", "oom_stats", "counter_fails", "memcg_events", "memcg_state")
+
+
+def fentry_arg_reads(btf) -> str:
+    """How fentry programs read arguments on this kernel: "helper"
+    (bpf_get_func_arg, Linux 5.17+: enum bpf_func_id has it) or "frame"
+    (bpf_probe_read_kernel of the trampoline's saved arguments)."""
+    return "helper" if btf.enum_value("BPF_FUNC_get_func_arg") is not None else "frame"
 
 
 def source_text() -> str:
@@ -51,7 +58,7 @@ class ProgramError(Exception):
 class ProbeStatus:
     role: str
     target: str          # kernel function or category:tracepoint
-    kind: str            # fentry | kprobe | tracepoint
+    kind: str            # fentry | kprobe | fentry+kprobe (clones kprobed) | tracepoint
     attached: bool
     reason: str = ""
 
@@ -179,6 +186,80 @@ def _subst(call: str, nargs: int, args_valid: bool, sp: str = "0") -> str:
     return call.replace("RET", "ret").replace("ARGS_VALID", "1" if args_valid else "0").replace("STACKPTR", sp)
 
 
+def _kprobe_probe(parts, kprobes, finding, handler, symbol: str, clone: bool, *, kind: str = "kprobe",
+                  reason: str = "") -> ProbeStatus:
+    """kprobe/kretprobe wrappers for one role; an entry-only probe sits on
+    every compiler clone as well (callers may jump straight to one: 6.12
+    calls drain_all_stock.part.0 directly)."""
+    args = "".join(f"    u64 a{i} = PT_REGS_PARM{i + 1}(ctx);\n" for i in range(5))
+    fn = f"kp_{finding.role}_enter"
+    parts.append(f"int {fn}(struct pt_regs *ctx) {{\n{args}"
+                 f"    {_subst(handler.enter, 5, not clone, 'PT_REGS_SP(ctx)')};\n    return 0;\n}}\n")
+    kprobes.append((symbol, fn, False))
+    if not handler.needs_args:
+        _kprobe_clones(parts, kprobes, finding, handler, [s for s in finding.symbols if s != symbol])
+    if handler.exit:
+        fn_ret = f"kp_{finding.role}_exit"
+        parts.append(f"int {fn_ret}(struct pt_regs *ctx) {{\n    u64 ret = PT_REGS_RC(ctx);\n"
+                     f"    {_subst(handler.exit, 0, True)};\n    return 0;\n}}\n")
+        kprobes.append((symbol, fn_ret, True))
+    return ProbeStatus(finding.role, symbol, kind, True, reason)
+
+
+def _kprobe_clones(parts, kprobes, finding, handler, clones) -> None:
+    args = "".join(f"    u64 a{i} = PT_REGS_PARM{i + 1}(ctx);\n" for i in range(5))
+    for n, other in enumerate(clones):
+        fn_clone = f"kp_{finding.role}_enter{n}"
+        parts.append(f"int {fn_clone}(struct pt_regs *ctx) {{\n{args}"
+                     f"    {_subst(handler.enter, 5, False)};\n    return 0;\n}}\n")
+        kprobes.append((other, fn_clone, False))
+
+
+def _fentry_probe(parts, kprobes, finding, handler, btf, fentry_check, kprobes_ok: bool,
+                  arg_reads: str) -> ProbeStatus:
+    """fentry/fexit wrappers for one role; where fentry cannot attach (a
+    compiler clone has no BTF entry; the attach is refused) the role is
+    kprobed instead when kprobes work, so every mode sees what kprobe sees."""
+    symbol = finding.symbol
+    base = symbol.split(".", 1)[0]
+    clone = symbol != base
+    nargs = btf.func_param_count(base)
+    why = None
+    if nargs is None or clone:
+        why = f"no BTF entry for {symbol} (fentry needs one)"
+    elif fentry_check is not None:
+        ok, reason = fentry_check(btf.func_id(base))
+        if not ok:
+            why = reason
+    if why is not None:
+        if kprobes_ok:
+            return _kprobe_probe(parts, kprobes, finding, handler, symbol, clone,
+                                 reason=f"kprobe instead of fentry: {why}")
+        return ProbeStatus(finding.role, symbol, "fentry", False, why)
+    # Arguments through bpf_get_func_arg where the kernel has it (5.17+):
+    # typed context reads are refused for some types (6.1: "arg2 type PTR
+    # is not a struct" for page_counter_try_charge's struct page_counter
+    # **fail); before 5.17 they are read from the trampoline's frame.
+    reads = "".join(f"    u64 a{i} = 0;\n    MCS_ARG(ctx, {i}, &a{i});\n" for i in range(nargs))
+    # No stack pointer for the stale-context check: the verifier refuses
+    # arithmetic on the ctx pointer, and fexit, unlike a kretprobe, has no
+    # instance limit that could make it miss a return.
+    parts.append(f"KFUNC_PROBE({base}) {{\n{reads}"
+                 f"    {_subst(handler.enter, nargs, True, '0')};\n    return 0;\n}}\n")
+    if handler.exit:
+        parts.append(f"KRETFUNC_PROBE({base}) {{\n    u64 ret = 0;\n    MCS_RET(ctx, {nargs}, &ret);\n"
+                     f"    {_subst(handler.exit, nargs, True)};\n    return 0;\n}}\n")
+    others = [n for n in finding.symbols if n != base]
+    if not others:
+        return ProbeStatus(finding.role, base, "fentry", True)
+    if kprobes_ok and not handler.needs_args:
+        # clones have no BTF entry: their entries are kprobed (a mixed probe)
+        _kprobe_clones(parts, kprobes, finding, handler, others)
+        return ProbeStatus(finding.role, base, "fentry+kprobe", True)
+    return ProbeStatus(finding.role, base, "fentry", True,
+                       f"calls that go straight to {', '.join(others)} are not seen (no BTF for clones)")
+
+
 def build_program(report: Report, mode: str, btf: BTF, *, max_cgroups: int = 4096,
                   ringbuf_pages: int = 256, use_perf_buffer: bool = False,
                   fentry_check=None, memcg_state: bool = False) -> Program:
@@ -205,6 +286,9 @@ def build_program(report: Report, mode: str, btf: BTF, *, max_cgroups: int = 409
     defines["RINGBUF_PAGES"] = ringbuf_pages
     if use_perf_buffer:
         defines["USE_PERF_BUFFER"] = 1
+    arg_reads = fentry_arg_reads(btf)
+    if arg_reads == "helper":
+        defines["HAVE_GET_FUNC_ARG"] = 1
     cflags = [f"-D{k}={v}" for k, v in defines.items()] + ["-Wno-macro-redefined", "-Wno-unused-function"]
 
     text = source_text()
@@ -213,6 +297,7 @@ def build_program(report: Report, mode: str, btf: BTF, *, max_cgroups: int = 409
     kprobes: list[tuple[str, str, bool]] = []
 
     if mode in ("fentry", "kprobe"):
+        kprobes_ok = report.checks["kprobes"].ok if "kprobes" in report.checks else mode == "kprobe"
         for finding in report.functions:
             handler = ROLE_HANDLERS.get(finding.role)
             if handler is None:
@@ -233,49 +318,10 @@ def build_program(report: Report, mode: str, btf: BTF, *, max_cgroups: int = 409
                                           f"only the compiler clone {symbol} exists; its arguments may differ"))
                 continue
             if mode == "fentry":
-                nargs = btf.func_param_count(base)
-                if nargs is None or clone:
-                    probes.append(ProbeStatus(finding.role, symbol, mode, False,
-                                              "no BTF entry for this symbol (fentry needs one)"))
-                    continue
-                others = [n for n in finding.symbols if n != base]
-                if others:
-                    partial = f"calls that go straight to {', '.join(others)} are not seen (no BTF for clones)"
-                if fentry_check is not None:
-                    ok, reason = fentry_check(btf.func_id(base))
-                    if not ok:
-                        probes.append(ProbeStatus(finding.role, base, mode, False, reason))
-                        continue
-                # Arguments through bpf_get_func_arg: typed context reads are
-                # refused for some types (6.1: "arg2 type PTR is not a struct"
-                # for page_counter_try_charge's struct page_counter **fail).
-                reads = "".join(f"    u64 a{i} = 0;\n    mcs_get_func_arg(ctx, {i}, &a{i});\n" for i in range(nargs))
-                parts.append(f"KFUNC_PROBE({base}) {{\n{reads}"
-                             f"    {_subst(handler.enter, nargs, True, '(u64)ctx')};\n    return 0;\n}}\n")
-                if handler.exit:
-                    parts.append(f"KRETFUNC_PROBE({base}) {{\n    u64 ret = 0;\n    mcs_get_func_ret(ctx, &ret);\n"
-                                 f"    {_subst(handler.exit, nargs, True)};\n    return 0;\n}}\n")
-                probes.append(ProbeStatus(finding.role, base, mode, True, partial if others else ""))
+                status = _fentry_probe(parts, kprobes, finding, handler, btf, fentry_check, kprobes_ok, arg_reads)
             else:
-                args = "".join(f"    u64 a{i} = PT_REGS_PARM{i + 1}(ctx);\n" for i in range(5))
-                fn = f"kp_{finding.role}_enter"
-                parts.append(f"int {fn}(struct pt_regs *ctx) {{\n{args}"
-                             f"    {_subst(handler.enter, 5, not clone, 'PT_REGS_SP(ctx)')};\n    return 0;\n}}\n")
-                kprobes.append((symbol, fn, False))
-                if not handler.needs_args:
-                    # an entry-only probe can sit on every clone as well:
-                    # callers may jump straight to one (6.12 drain_all_stock.part.0)
-                    for n, other in enumerate(s for s in finding.symbols if s != symbol):
-                        fn_clone = f"kp_{finding.role}_enter{n}"
-                        parts.append(f"int {fn_clone}(struct pt_regs *ctx) {{\n{args}"
-                                     f"    {_subst(handler.enter, 5, False)};\n    return 0;\n}}\n")
-                        kprobes.append((other, fn_clone, False))
-                if handler.exit:
-                    fn_ret = f"kp_{finding.role}_exit"
-                    parts.append(f"int {fn_ret}(struct pt_regs *ctx) {{\n    u64 ret = PT_REGS_RC(ctx);\n"
-                                 f"    {_subst(handler.exit, 0, True)};\n    return 0;\n}}\n")
-                    kprobes.append((symbol, fn_ret, True))
-                probes.append(ProbeStatus(finding.role, symbol, mode, True))
+                status = _kprobe_probe(parts, kprobes, finding, handler, symbol, clone)
+            probes.append(status)
 
     for tp in TRACEPOINTS:
         key = (tp.category, tp.name)

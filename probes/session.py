@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 
 from .btf import BTF
 from .bpfsys import try_fentry
-from .detect import Report, detect, kernel_source, tracefs_mounted
+from .detect import Report, bcc_kernel_source, detect, tracefs_mounted
 from .assembly import EpisodeAssembler
 from .episodes import CALLERS, EVENT_SIZE, LIMIT_KINDS, Visibility, decode_bytes, visibility
-from .program import Program, ProgramError, ProbeStatus, build_program
+from .program import Program, ProgramError, ProbeStatus, build_program, fentry_arg_reads
 from .sysroot import SysRoot
 
 __all__ = ["Session", "SessionError", "Aggregates", "CgroupAggregate"]
@@ -130,8 +130,11 @@ class Session:
             # BPF ring buffers arrived in 5.8; older kernels get the perf buffer
             self.use_perf_buffer = btf.func_id("bpf_ringbuf_output") is None
 
+        arg_reads = fentry_arg_reads(btf)
+
         def fentry_check(btf_id):
-            r = try_fentry(btf_id)
+            # load the way the program reads its arguments, not just an attach
+            r = try_fentry(btf_id, args=arg_reads)
             return r.state == "ok", r.detail
 
         try:
@@ -148,9 +151,9 @@ class Session:
 
     def _open(self) -> None:
         self._build(True)
-        kind, path, _ = kernel_source(self.sysroot)
-        if kind == "fallback" and path:
-            os.environ["BCC_KERNEL_SOURCE"] = path
+        source = bcc_kernel_source(self.sysroot)
+        if source:
+            os.environ["BCC_KERNEL_SOURCE"] = source
         try:
             from bcc import BPF
         except ImportError as e:
@@ -183,7 +186,7 @@ class Session:
                 by_role.setdefault(role, []).append(False)
                 failures[role] = f"attach failed: {e}"
         for p in self._probes:
-            if p.kind == "kprobe" and p.attached and not all(by_role.get(p.role, [False])):
+            if "kprobe" in p.kind and p.attached and not all(by_role.get(p.role, [False])):
                 p.attached = False
                 p.reason = failures.get(p.role, "attach failed")
         core = next((p for p in self._probes if p.role == "charge_core"), None)

@@ -3,7 +3,8 @@
 # then runs the three tiers in order and prints the time of each.
 #   unit  no root; the model, parsing, doctor's logic over captured files
 #   host  root; this machine's kernel (tracepoint mode, cgroupfs)
-#   vm    root; Debian 6.1 (v1, v2) and 6.12 (v2) guests under QEMU (TCG)
+#   vm    root; the Debian guest kernels of tests/vm/harness.py GUESTS (5.10, 6.1,
+#         6.12, 6.18, 7.3; v1 and v2 where the kernel has them) under QEMU
 # A tier that cannot run fails; none is skipped. Exit 0 only if all pass.
 set -uo pipefail
 . "$(dirname "$0")/lib.sh"

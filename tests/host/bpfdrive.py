@@ -22,7 +22,7 @@ import struct
 
 from memcgscope.probes.btf import BTF
 from memcgscope.probes.bpfsys import prog_test_run
-from memcgscope.probes.detect import kernel_source
+from memcgscope.probes.detect import bcc_kernel_source
 from memcgscope.probes.program import COUNTED_MAPS, HIST_SLOTS, kernel_offsets, source_text
 from memcgscope.probes.sysroot import SysRoot
 
@@ -43,9 +43,9 @@ DRIVERS = {
 class Drive:
     def __init__(self, **defines):
         from bcc import BPF
-        kind, path, _ = kernel_source(SysRoot("/"))
-        if kind == "fallback" and path:
-            os.environ["BCC_KERNEL_SOURCE"] = path
+        source = bcc_kernel_source(SysRoot("/"))
+        if source:
+            os.environ["BCC_KERNEL_SOURCE"] = source
         btf = BTF.from_file("/sys/kernel/btf/vmlinux")
         d = kernel_offsets(btf, memsw=False)
         d.update(MAX_CGROUPS=64, RINGBUF_PAGES=16, HIST_SLOTS=HIST_SLOTS, NR_MAPIDX=len(COUNTED_MAPS),

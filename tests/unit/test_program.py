@@ -55,25 +55,47 @@ def test_kprobe_mode_on_612_probes_drain_and_its_clone():
     assert "-DHAVE_MEMSW=1" not in prog.cflags  # v2
 
 
-def test_fentry_mode_skips_clones_and_says_so():
+def test_fentry_mode_kprobes_what_it_cannot_attach():
     checked = []
     prog = build_program(report("debian-6.1-v1"), "fentry", FakeBTF(),
                          fentry_check=lambda btf_id: (checked.append(btf_id) or True, ""))
     status = {p.role: p for p in prog.probes}
-    assert not status["drain_all_stock"].attached
-    assert "no BTF entry" in status["drain_all_stock"].reason
+    # 6.1 has only drain_all_stock.part.0, which has no BTF entry: kprobed instead
+    drain = status["drain_all_stock"]
+    assert drain.attached and drain.kind == "kprobe" and drain.reason.startswith("kprobe instead of fentry: no BTF")
+    assert ("drain_all_stock.part.0", "kp_drain_all_stock_enter", False) in prog.kprobes
     assert status["charge_core"].attached and "KFUNC_PROBE(try_charge_memcg)" in prog.text
     assert "KRETFUNC_PROBE(page_counter_try_charge)" in prog.text
-    assert "mcs_get_func_arg(ctx, 2, &a2)" in prog.text
+    assert "MCS_ARG(ctx, 2, &a2)" in prog.text and "MCS_RET(ctx, 3, &ret)" in prog.text
     assert "-DHAVE_MEMSW=1" in prog.cflags  # v1 with swap accounting
     assert checked  # every fentry target was tried first
 
 
-def test_fentry_refused_per_function_turns_that_probe_off():
+def test_fentry_plus_kprobe_sees_every_drain_on_612():
     prog = build_program(report("debian-6.12-v2"), "fentry", FakeBTF(), fentry_check=lambda i: (True, ""))
-    assert {p.role for p in prog.probes if p.attached} >= {"charge_core", "memcg_reclaim"}
+    drain = {p.role: p for p in prog.probes}["drain_all_stock"]
+    assert drain.kind == "fentry+kprobe" and drain.reason == "" and drain.target == "drain_all_stock"
+    assert ("drain_all_stock.part.0", "kp_drain_all_stock_enter0", False) in prog.kprobes
+    from memcgscope.probes.episodes import visibility
+    assert visibility("fentry", prog.probes).drains   # every call is seen, as with kprobes
+
+
+def test_fentry_arguments_without_bpf_get_func_arg():
+    class OldBTF(FakeBTF):   # 5.10: enum bpf_func_id has no BPF_FUNC_get_func_arg
+        def enum_value(self, name):
+            return None if name == "BPF_FUNC_get_func_arg" else 4
+    new = build_program(report("debian-6.12-v2"), "fentry", FakeBTF(), fentry_check=lambda i: (True, ""))
+    old = build_program(report("debian-6.12-v2"), "fentry", OldBTF(), fentry_check=lambda i: (True, ""))
+    assert "-DHAVE_GET_FUNC_ARG=1" in new.cflags and "-DHAVE_GET_FUNC_ARG=1" not in old.cflags
+
+
+def test_fentry_refused_falls_back_to_kprobe_or_fails_without_it():
+    prog = build_program(report("debian-6.12-v2"), "fentry", FakeBTF(), fentry_check=lambda i: (False, "EPERM"))
+    core = {p.role: p for p in prog.probes}["charge_core"]
+    assert core.attached and core.kind == "kprobe" and "EPERM" in core.reason
     with pytest.raises(ProgramError, match="cannot probe the charge core"):
-        build_program(report("debian-6.12-v2"), "fentry", FakeBTF(), fentry_check=lambda i: (False, "EPERM"))
+        # the host: kprobes compiled out, fentry refused
+        build_program(report("host-6.18-v1"), "fentry", FakeBTF(), fentry_check=lambda i: (False, "EPERM"))
 
 
 def test_tracepoint_mode_on_the_host():
