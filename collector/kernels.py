@@ -60,7 +60,7 @@ KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 MIRROR = "http://deb.debian.org/debian"
 SECURITY_MIRROR = "http://deb.debian.org/debian-security"
 
-# Where each Debian kernel line lives (seen December 2026, real-kernels.md §5):
+# Where each Debian kernel line lives (seen in the archive, December 2026):
 # 5.10 in bullseye(-security); 6.1 in bookworm, and newer 6.1 ABIs in
 # bookworm-security (linux-image-amd64 6.1.192-3 -> 6.1.0-57) and
 # bullseye-security (6.1.0-0.deb11.N); 6.12.117+deb12 only in

@@ -56,6 +56,13 @@ def add_parser(sub) -> None:
                    help="hard limit of the scratch cgroup holding a scenario (default 1G)")
     p.add_argument("--no-probes", action="store_true",
                    help="compare end states only, without probing (no root BPF; episodes unchecked)")
+    v = p.add_argument_group("in a guest kernel")
+    v.add_argument("--vm", metavar="KERNEL",
+                   help="validate inside this kernel under QEMU: a Debian family or version (5.10, 6.1, 7.3, "
+                        "6.18.15; fetched into memcgscope's cache) or a vmlinuz path")
+    v.add_argument("--cgroup", choices=("v1", "v2"), help="the guest's memory hierarchy (default v2)")
+    v.add_argument("--vm-timeout", type=float, default=3600.0, metavar="S",
+                   help="kill the guest after S seconds (default 3600)")
     g = p.add_argument_group("your command (after --)")
     g.add_argument("--memory-max", metavar="SIZE", help="memory.max (v2) / memory.limit_in_bytes (v1)")
     g.add_argument("--memory-high", metavar="SIZE", help="memory.high (v2 only)")
@@ -78,6 +85,10 @@ def run(args) -> int:
     from .validate.setup import SetupError, environment
 
     command = args.items if "--" in (getattr(args, "argv", None) or []) else None
+    if args.vm and command is not None:
+        return _fail("--vm takes scenarios, not a command after '--'")
+    if args.cgroup and not args.vm:
+        return _fail("--cgroup chooses a guest's hierarchy: it goes with --vm (here the host's is used)")
     if command is not None and not command:
         return _fail("'--' needs a command after it, e.g. -- stress-ng --vm 1 --vm-bytes 100M")
     if command is None and (args.memory_max or args.memory_high or args.swap_max or args.out):
@@ -90,6 +101,8 @@ def run(args) -> int:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        if args.vm:
+            return _in_vm(args)
         with environment(args) as env:
             if command is not None:
                 from .validate.command import run_command
@@ -105,16 +118,50 @@ def run(args) -> int:
             signal.signal(s, h)
 
 
+def _progress(msg: str) -> None:
+    print(f"memcgscope validate: {msg}", file=sys.stderr, flush=True)
+
+
+def _paths(args) -> list[str] | None:
+    from .validate.suite import builtin_scenarios
+    paths = args.items or builtin_scenarios()
+    for path in paths:
+        if not os.path.isfile(path):
+            _fail(f"{path}: no such scenario file; give a TOML scenario (see model/scenarios/)")
+            return None
+    return paths
+
+
+def _in_vm(args) -> int:
+    import json
+
+    from .validate.report import format_table, reports_from_json
+    from .validate.vm import run_vm
+
+    paths = _paths(args)
+    if paths is None:
+        return 2
+    doc = run_vm(args, paths, _progress)
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    else:
+        g = doc["guest"]
+        header = (f"memcgscope validate --vm: guest {g['release']} ({g['cgroup']}, {g['accel']}, "
+                  f"{g['seconds']:.0f}s): model profile {doc['profile']}, {doc['mode'] or 'no probes'}")
+        print(format_table(reports_from_json(doc), header))
+    return 0 if doc.get("agree") else 1
+
+
 def _scenarios(env, args) -> int:
     from .validate.plan import PlanError
     from .validate.report import format_table, to_json
-    from .validate.suite import builtin_scenarios
 
-    paths = args.items or builtin_scenarios()
+    paths = _paths(args)
+    if paths is None:
+        return 2
+    env.validator.progress = _progress
     reports = []
     for path in paths:
-        if not os.path.isfile(path):
-            return _fail(f"{path}: no such scenario file; give a TOML scenario (see model/scenarios/)")
         try:
             reports.append(env.validator.validate(path))
         except PlanError as e:

@@ -100,6 +100,26 @@ class BTF:
         proto = self._types[type_id][4]
         return self._types[proto][2]
 
+    def func_param_size(self, name: str, index: int) -> int | None:
+        """The size in bytes of a function's parameter ``index`` (a bool is
+        1: a trampoline or pt_regs slot holds it in a 64-bit register whose
+        upper bits are not cleared)."""
+        type_id = self.func_id(name)
+        if type_id is None:
+            return None
+        proto = self._types[type_id][4]
+        _, _, vlen, _, _, trailer = self._types[proto]
+        if not 0 <= index < vlen:
+            return None
+        _name, ptype = struct.unpack_from("<II", self._data, trailer + 8 * index)
+        t = self._resolve(ptype)
+        kind = self._types[t][1]
+        if kind == PTR:
+            return 8
+        if kind in (INT, ENUM, ENUM64):
+            return self._types[t][4]
+        return None
+
     def enum_value(self, enumerator: str) -> int | None:
         """The value of an enumerator (e.g. memory_cgrp_id) in any enum."""
         for type_id in range(1, len(self._types)):

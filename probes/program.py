@@ -78,7 +78,9 @@ ROLE_HANDLERS: dict[str, RoleHandler] = {
                                "on_charge_exit(ctx, (s64)(int)RET)"),
     "page_charge": RoleHandler("on_page_charge_enter(ctx, (u32)A2)",
                                "on_page_charge_exit(ctx, (s64)(int)RET)"),
-    "memcg_reclaim": RoleHandler("on_reclaim_enter(ctx, A0, A1, (u32)A2, (u32)A3)",
+    # A3: 5.10's bool may_swap or the reclaim_options bits of 6.1+; a bool's
+    # register may carry garbage above bit 7 (seen on 5.10.262: 0x91400001)
+    "memcg_reclaim": RoleHandler("on_reclaim_enter(ctx, A0, A1, (u32)A2, (u32)(A3 & RECLAIM_OPTS_MASK))",
                                  "on_reclaim_exit(ctx, RET)"),
     "resize_max": RoleHandler("on_limit_enter(ctx, LIMIT_RESIZE_MAX, A0, memcg_cgid(A0), A1, (u32)(A2 & 0xff), 0)",
                               "on_limit_exit(ctx, (s64)(int)RET)"),
@@ -278,6 +280,8 @@ def build_program(report: Report, mode: str, btf: BTF, *, max_cgroups: int = 409
         defines[macro] = value if value is not None and not memcg_state else -1
     first_memcg_item = btf.enum_value("NR_VM_NODE_STAT_ITEMS")
     defines["FIRST_MEMCG_STAT_ITEM"] = first_memcg_item if first_memcg_item is not None else 0
+    size = getattr(btf, "func_param_size", lambda *a: None)("try_to_free_mem_cgroup_pages", 3)
+    defines["RECLAIM_OPTS_MASK"] = hex((1 << 8 * size) - 1) if size and size < 4 else "0xffffffff"
     defines["MAX_CGROUPS"] = max_cgroups
     defines["HIST_SLOTS"] = HIST_SLOTS
     for i, name in enumerate(COUNTED_MAPS):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-__all__ = ["format_table", "to_json", "WIDTHS"]
+__all__ = ["format_table", "to_json", "reports_from_json", "WIDTHS"]
 
 #: scenario, field, kernel, model, tolerance, verdict (+ 5 separating spaces = 80)
 WIDTHS = (14, 27, 9, 9, 8, 8)
@@ -66,3 +66,26 @@ def _wrap(text: str, width: int = 80) -> str:
 def to_json(reports, facts: dict) -> str:
     return json.dumps({**facts, "scenarios": [r.to_json() for r in reports],
                        "agree": all(r.verdict in ("agree", "n/a") for r in reports)}, indent=1)
+
+
+class _Tol:
+    def __init__(self, text: str, why: str):
+        self.text, self.why = text, why
+
+    def describe(self) -> str:
+        return self.text
+
+
+def reports_from_json(doc: dict) -> list:
+    """ScenarioReports back from validate's JSON (a guest's report)."""
+    from .compare import Row
+    from .suite import ScenarioReport
+    out = []
+    for s in doc.get("scenarios", []):
+        rep = ScenarioReport(s["scenario"], s.get("description", ""), not_applicable=s.get("not_applicable"),
+                             error=s.get("error"))
+        rep.rows = [Row(s["scenario"], r["field"], r["kernel"], r["model"], _Tol(r["tolerance"], r.get("why", "")),
+                        r["verdict"], r.get("note", "")) for r in s.get("rows", [])]
+        rep.divergences = [(d["check"], d["reason"], d["detail"]) for d in s.get("divergences", [])]
+        out.append(rep)
+    return out

@@ -121,7 +121,7 @@ class Validator:
             model = run_model(plan, profile)
         except ScenarioError as e:
             raise PlanError(str(e)) from None
-        self.progress(f"{name}: running on the kernel")
+        self.progress(f"{name}: running on the kernel ({len(plan.ops)} operations)")
         kernel = self.runner.run_plan(plan)
         rep.kernel = kernel
         rep.rows = compare(plan, kernel, model, profile_name=profile.name)

@@ -48,7 +48,7 @@ class Drive:
             os.environ["BCC_KERNEL_SOURCE"] = source
         btf = BTF.from_file("/sys/kernel/btf/vmlinux")
         d = kernel_offsets(btf, memsw=False)
-        d.update(MAX_CGROUPS=64, RINGBUF_PAGES=16, HIST_SLOTS=HIST_SLOTS, NR_MAPIDX=len(COUNTED_MAPS),
+        d.update(RECLAIM_OPTS_MASK="0xffffffff", MAX_CGROUPS=64, RINGBUF_PAGES=16, HIST_SLOTS=HIST_SLOTS, NR_MAPIDX=len(COUNTED_MAPS),
                  HOT_EVENT_ITEM=-1, HOT_EVENT_ITEM2=-1, FIRST_MEMCG_STAT_ITEM=0)
         for i, name in enumerate(COUNTED_MAPS):
             d[f"MAPIDX_{name.upper()}"] = i

@@ -25,7 +25,7 @@ R510, R61, R612_12, R612_13, R612_118 = ("5.10.0-46-amd64", "6.1.0-57-amd64", "6
 R618, R73, R72 = "6.18.15+deb13-amd64", "7.3.4+deb13-amd64", "7.2.13+deb14-amd64"
 
 # (suite, package, version, depends, files): the shapes of the real packages
-# (December 2026 archive, real-kernels.md §5); files: path -> content, or
+# (the December 2026 archive); files: path -> content, or
 # "->target" for a symlink
 ARCHIVE = [
     # 5.10: the image in bullseye-security; kbuild is versioned >=, and an older one is there too

@@ -80,6 +80,14 @@ def test_fentry_plus_kprobe_sees_every_drain_on_612():
     assert visibility("fentry", prog.probes).drains   # every call is seen, as with kprobes
 
 
+def test_a_bool_argument_is_masked():
+    class BoolBTF(FakeBTF):   # 5.10: try_to_free_mem_cgroup_pages(..., bool may_swap)
+        def func_param_size(self, name, i):
+            return 1 if (name, i) == ("try_to_free_mem_cgroup_pages", 3) else 8
+    assert "-DRECLAIM_OPTS_MASK=0xff" in build_program(report("debian-6.1-v1"), "kprobe", BoolBTF()).cflags
+    assert "-DRECLAIM_OPTS_MASK=0xffffffff" in build_program(report("debian-6.1-v1"), "kprobe", FakeBTF()).cflags
+
+
 def test_fentry_arguments_without_bpf_get_func_arg():
     class OldBTF(FakeBTF):   # 5.10: enum bpf_func_id has no BPF_FUNC_get_func_arg
         def enum_value(self, name):

@@ -2,7 +2,7 @@
 shows it works, else TCG; harness.accel).
 
 A missing prerequisite (root, QEMU, virtme-ng, udev, a fetched kernel)
-fails the test with the fix; it is never skipped (design.md §5).
+fails the test with the fix; it is never skipped.
 """
 
 from __future__ import annotations

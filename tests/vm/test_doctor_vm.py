@@ -11,24 +11,25 @@ import shutil
 ARTIFACTS = os.environ.get("MEMCGSCOPE_ARTIFACTS", "/tmp/memcgscope-artifacts")
 
 # What each Debian build has, by the profile series of the guest table
-# (kernel-versions.md §2, §3.7: kallsyms + BTF of the Debian binaries
+# (read from the kallsyms and BTF of the Debian binaries
 # 5.10.262-1, 6.12.117, 6.18.15-1~bpo13+1, 7.3.4-1~bpo13+1; 6.1 from the
 # captures in tests/unit/data/sysroots). `charge_memcg` None: inlined or absent.
 FACTS = {
-    # 5.10: memcgscope's fentry program needs bpf_get_func_arg (5.17+), so
-    # doctor must pick kprobe there although a bare fentry program attaches
+    # 5.10: no bpf_get_func_arg (5.17+): fentry reads arguments from the
+    # trampoline frame, and doctor test-loads that way of reading
     "5.10": dict(charge_core="try_charge", page_charge="mem_cgroup_charge", charge_memcg=None,
-                 resize_max="mem_cgroup_resize_max", mode="kprobe", headers="matching"),
+                 resize_max="mem_cgroup_resize_max", mode="fentry", headers="matching",
+                 args="trampoline frame"),
     "6.1": dict(charge_core="try_charge_memcg", page_charge="__mem_cgroup_charge", charge_memcg="charge_memcg",
-                resize_max="mem_cgroup_resize_max", mode="fentry", headers="matching"),
+                resize_max="mem_cgroup_resize_max", mode="fentry", headers="matching", args="bpf_get_func_arg"),
     # 6.12+: no CONFIG_MEMCG_V1, so no mem_cgroup_resize_max
     "6.12": dict(charge_core="try_charge_memcg", page_charge="__mem_cgroup_charge", charge_memcg=None,
-                 resize_max=None, mode="fentry", headers="matching"),
+                 resize_max=None, mode="fentry", headers="matching", args="bpf_get_func_arg"),
     # 6.18: Debian ships no headers at all: the nearest, merged in the cache
     "6.18": dict(charge_core="try_charge_memcg", page_charge="__mem_cgroup_charge", charge_memcg="charge_memcg",
-                 resize_max=None, mode="fentry", headers="fallback"),
+                 resize_max=None, mode="fentry", headers="fallback", args="bpf_get_func_arg"),
     "7.3": dict(charge_core="try_charge_memcg", page_charge="__mem_cgroup_charge", charge_memcg="charge_memcg",
-                resize_max=None, mode="fentry", headers="matching"),
+                resize_max=None, mode="fentry", headers="matching", args="bpf_get_func_arg"),
 }
 
 
@@ -51,6 +52,12 @@ def test_doctor_in_guest(guest):
     assert report["kernel"] == r.kernel and report["kernel"].startswith(guest.guest.profile + "."), report["kernel"]
     assert report["checks"]["kprobes"]["state"] == "ok", report["checks"]["kprobes"]
     assert report["checks"]["fentry"]["state"] == "ok", report["checks"]["fentry"]
+    assert facts["args"] in report["checks"]["fentry"]["detail"], report["checks"]["fentry"]
+    # the one resolver: Debian 5.10 and 6.1 carry the sublevel in uname -v only
+    prof = report["profile"]
+    assert prof["upstream"] and prof["upstream"].startswith(guest.guest.profile), prof
+    if guest.guest.profile in ("5.10", "6.1", "6.12", "6.18"):
+        assert prof["profile"] == guest.guest.profile and not prof["warning"], prof
 
     headers = report["checks"]["headers"]
     assert headers["state"] == "ok", headers

@@ -1,0 +1,90 @@
+"""`validate --vm KERNEL`: the same validation inside a guest kernel booted
+with virtme-ng (collector/guest.py), the report brought back here.
+
+The guest gets its memory hierarchy (v1 mounted, or +memory on v2), an ext4
+on a RAM disk for page cache (its root is 9p: not page cache a memcg
+reclaims) and, where the kernel has zram, a swap device; then memcgscope
+runs `validate --json` there with the guest's root cgroup as the explicit
+parent (the guest is ours), and writes its report to a directory shared
+with the host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+
+from ..guest import PAGE_CACHE_DIR, V1_MEMORY_MOUNT, GuestError, guest_kernel, run_in_guest
+from .setup import SetupError
+
+__all__ = ["run_vm"]
+
+GUEST_SWAP = "512M"
+
+
+def run_vm(args, scenario_paths: list[str], progress) -> dict:
+    """Boots the guest, validates there, returns the report (validate's
+    JSON form); raises SetupError for what stops it."""
+    try:
+        gk = guest_kernel(args.vm, log=lambda msg: progress(f"kernels: {msg}"))
+    except GuestError as e:
+        raise SetupError(str(e)) from None
+    cgroup = args.cgroup or "v2"
+    if cgroup == "v1" and gk.files is not None and gk.files.config and _v1_off(gk.files.config):
+        raise SetupError(f"kernel {gk.release} is built without the cgroup v1 memory controller "
+                         f"(CONFIG_MEMCG_V1 off); use --cgroup v2")
+    share = tempfile.mkdtemp(prefix="memcgscope-vm-", dir="/var/tmp")
+    try:
+        names = []
+        for path in scenario_paths:
+            # the guest's /tmp and /var/cache are its own: pass the files along
+            dest = os.path.join(share, os.path.basename(path))
+            shutil.copyfile(path, dest)
+            names.append(dest)
+        parent = V1_MEMORY_MOUNT if cgroup == "v1" else "/sys/fs/cgroup"
+        report = os.path.join(share, "report.json")
+        cmd = [sys.executable, "-m", "memcgscope.collector.cli", "validate", "--json", "--parent", parent,
+               "--workdir", PAGE_CACHE_DIR, "--scratch-limit", args.scratch_limit]
+        if args.profile:
+            cmd += ["--profile", args.profile]
+        if args.mode:
+            cmd += ["--mode", args.mode]
+        if args.no_probes:
+            cmd.append("--no-probes")
+        cmd += names
+        # zram for swap scenarios, when the kernel has the module
+        swap_setup = (f"if modprobe zram 2>/dev/null; then echo {GUEST_SWAP} > /sys/block/zram0/disksize && "
+                      f"mkswap /dev/zram0 >/dev/null && swapon /dev/zram0; fi; ")
+        script = swap_setup + " ".join(shlex.quote(c) for c in cmd) + f" > {shlex.quote(report)}; echo rc=$?"
+        progress(f"booting {gk.release} ({cgroup}); the guest compiles the BPF program (tens of seconds "
+                 f"under TCG), then runs each scenario")
+        try:
+            r = run_in_guest(gk, script, cgroup=cgroup, timeout=args.vm_timeout, rwdir=share, page_cache=True,
+                             on_stderr=lambda line: progress(f"guest: {line}") if line.startswith(
+                                 "memcgscope") else None)
+        except GuestError as e:
+            raise SetupError(str(e).splitlines()[0]) from None
+        progress(f"guest done in {r.seconds:.0f}s ({r.accel})")
+        try:
+            with open(report) as f:
+                doc = json.load(f)
+        except (OSError, ValueError):
+            tail = (r.stderr or r.stdout)[-1500:].strip().replace("\n", " | ")
+            raise SetupError(f"the guest ({gk.release}) wrote no report (exit {r.returncode}): {tail}") from None
+        doc["guest"] = {"release": gk.release, "cgroup": cgroup, "accel": r.accel, "seconds": round(r.seconds, 1)}
+        return doc
+    finally:
+        shutil.rmtree(share, ignore_errors=True)
+
+
+def _v1_off(config_path: str) -> bool:
+    try:
+        with open(config_path) as f:
+            text = f.read()
+    except OSError:
+        return False
+    return "# CONFIG_MEMCG_V1 is not set" in text
