@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import errno
 
-from .gfp import _BITS, order_of
+from .gfp import _BITS, GFP, order_of
 from .memcg import mem_cgroup_margin, memcg_memory_event
 from .oom import PAGE_ALLOC_COSTLY_ORDER, mem_cgroup_oom
-from .steps import (BatchShrink, CounterCharge, CounterFail, Drain, Event, Force,
+from .steps import (BatchShrink, CounterCharge, CounterFail, Drain, Event, Force, HighBail,
                     HighOver, HighThrottle, Nomem, Restock, Retry, RootBypass, StockHit)
 from .stock import consume_stock, drain_all_stock, refill_stock
 from .vmscan import SWAP_CLUSTER_MAX, try_to_free_mem_cgroup_pages
@@ -122,6 +122,12 @@ def try_charge_memcg(ctx, memcg, gfp: int, nr_pages: int) -> int:
                 raise _Goto("nomem", "memcg_in_oom")      # v1 oom_kill_disable
             if not gfp & _DIRECT:
                 raise _Goto("nomem", "no_direct_reclaim")
+            # 6.12.117+, 6.18.51+, 7.2.5+, 7.3: an OOM victim the OOM reaper
+            # is done with (MMF_OOM_SKIP on current->signal->oom_mm) fails at
+            # once ("memcg: bypass the reclaim and oom killer for dying tasks
+            # once oom_reaper is done")
+            if p.oom_skip_bails and ctx.signalled(memcg, "oom_skip"):
+                raise _Goto("nomem", "oom_skip")
 
             memcg_memory_event(over, "max")
             steps.append(Event(over.path, "max"))
@@ -173,12 +179,20 @@ def try_charge_memcg(ctx, memcg, gfp: int, nr_pages: int) -> int:
         # ≥ 6.1: __GFP_HIGH forces here (it replaced __GFP_ATOMIC); ≤ 6.0 only NOFAIL
         forcing = _NOFAIL | (_HIGH if p.nomem_forces_on_high else 0)
         if not gfp & forcing:
+            # 7.3.4+: nomem and force meet at `out:`, which raises the max
+            # event a rejected charge that never reclaimed has not raised
+            # ("mm: memcontrol: raise MEMCG_MAX for charges that fail
+            # without reclaiming")
+            if p.rejected_charge_raises_max and not raised_max:
+                memcg_memory_event(over, "max")
+                steps.append(Event(over.path, "max"))
             steps.append(Nomem(over.path, reason))
             return -errno.ENOMEM
         reason = "nofail" if gfp & _NOFAIL else "high"
 
-    # force:
-    if p.forced_charge_raises_max and not raised_max:   # ≥ 6.1
+    # force: ≥ 6.1 raises max before the forced charge; 7.3.4+ after it, at `out:`
+    late_max = p.rejected_charge_raises_max
+    if p.forced_charge_raises_max and not raised_max and not late_max:
         memcg_memory_event(over, "max")
         steps.append(Event(over.path, "max"))
     memcg.memory.charge(nr_pages)
@@ -187,6 +201,9 @@ def try_charge_memcg(ctx, memcg, gfp: int, nr_pages: int) -> int:
     memcg.charged += nr_pages
     steps.append(Force(memcg.path, nr_pages, reason))
     steps.append(CounterCharge(memcg.path, "memory", nr_pages, forced=True))
+    if late_max and not raised_max:
+        memcg_memory_event(over, "max")
+        steps.append(Event(over.path, "max"))
     return 0
 
 
@@ -207,10 +224,11 @@ def _done_restock(ctx, memcg, gfp, nr_pages, batch) -> int:
             steps.append(HighOver(m.path, task.memcg_nr_pages_over_high))
             break
         m = m.parent
-    # ≥ 6.1: a task far over high reclaims now instead of on return to user
+    # ≥ 6.1: a task far over high reclaims now instead of on return to user;
+    # with the charge's gfp from 6.1.56 (before: reclaim_high's GFP_KERNEL)
     if (p.sync_high_reclaim and task.memcg_nr_pages_over_high > p.charge_batch
             and not task.pf_memalloc and gfp & _DIRECT):
-        mem_cgroup_handle_over_high(ctx, memcg, gfp)
+        mem_cgroup_handle_over_high(ctx, memcg, gfp if p.sync_high_charge_gfp else GFP.KERNEL)
     return 0
 
 
@@ -265,7 +283,8 @@ def mem_cgroup_handle_over_high(ctx, memcg, gfp: int) -> None:
     The kernel uses the task's own memcg; the model uses the one charged.
     Gives up (no sleep) if the delay is ≤ HZ/100 (10 ms); otherwise retries
     while reclaim makes progress or retries remain, then sleeps the delay
-    (capped at 2 s).
+    (capped at 2 s).  ≥ 6.8: a dying task (the ``over_high`` signal point)
+    stops at the top of every retry.
     """
     k, task = ctx.kernel, ctx.task
     nr_pages = task.memcg_nr_pages_over_high
@@ -275,6 +294,11 @@ def mem_cgroup_handle_over_high(ctx, memcg, gfp: int) -> None:
     retries = MAX_RECLAIM_RETRIES
     in_retry = False
     while True:
+        # ≥ 6.8 (6.12, 6.18, 7.x): a dying task is not throttled ("mm:
+        # memcontrol: don't throttle dying tasks on memory.high")
+        if k.profile.over_high_dying_bail and ctx.signalled(memcg, "over_high"):
+            ctx.steps.append(HighBail(memcg.path, "dying"))
+            return
         reclaimed = reclaim_high(ctx, memcg, SWAP_CLUSTER_MAX if in_retry else nr_pages, gfp)
         penalty = calculate_high_delay(nr_pages, _max_overage(ctx, memcg, "memory"), k.hz,
                                        k.profile.charge_batch)

@@ -26,9 +26,17 @@ model/README.md lists them with the kernel function that asks each one):
   inside ``page_counter_set_max``, between the new max and the re-read.
   Default: 0.
 * ``signal(memcg, where) -> bool`` – a signal is pending (or, at the
-  dying points, fatal) where the kernel tests for one (``SIGNAL_POINTS``).
-  Default: the task's ``signal_pending`` or ``dying`` field.
-* ``stock_locked(cpu) -> bool`` – 6.18 only: ``local_trylock`` of the
+  dying points, fatal; at ``oom_skip``, the task is an OOM victim whose mm
+  the OOM reaper marked MMF_OOM_SKIP) where the kernel tests for one
+  (``SIGNAL_POINTS``).  Default: the task's ``signal_pending``, ``dying``
+  or ``oom_reaped`` field.
+* ``superseded(memcg, where) -> bool`` – another writer changed the limit
+  a v2 limit loop is enforcing (``max != READ_ONCE(memcg->memory.max)``;
+  ``SUPERSEDED_POINTS``).  Default: the model's own limit differs (never,
+  within one call).
+* ``memcg_dying(memcg, where) -> bool`` – ``memcg_is_dying(memcg)``: an
+  rmdir of the cgroup is under way (``DYING_POINTS``).  Default: False.
+* ``stock_locked(cpu) -> bool`` – 6.18 and later: ``local_trylock`` of the
   per-cpu stock failed (the charge interrupted another on that CPU).
   Default: False.
 
@@ -42,7 +50,8 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 
-__all__ = ["Task", "ReclaimResult", "OomOutcome", "Ctx", "SIGNAL_POINTS", "USAGE_POINTS"]
+__all__ = ["Task", "ReclaimResult", "OomOutcome", "Ctx", "SIGNAL_POINTS", "USAGE_POINTS",
+           "SUPERSEDED_POINTS", "DYING_POINTS"]
 
 #: Where the kernel tests the current task for a signal, and the ``Task``
 #: field that answers when no ``signal`` oracle is given.
@@ -63,7 +72,30 @@ SIGNAL_POINTS = {
     "high_write": "signal_pending",
     # v2 memory_reclaim(): signal_pending() → -EINTR, each pass
     "reclaim_write": "signal_pending",
+    # 6.12.117+, 7.2, 7.3 try_charge_memcg(): tsk_is_oom_victim(current) &&
+    # MMF_OOM_SKIP on current->signal->oom_mm (the OOM reaper is done with
+    # it) → nomem, before the max event and reclaim
+    "oom_skip": "oom_reaped",
+    # ≥ 6.8 (6.12, 6.18, 7.x) mem_cgroup_handle_over_high(): task_is_dying()
+    # → stop, at the top of each reclaim retry
+    "over_high": "dying",
 }
+
+#: Where a v2 limit loop re-reads the limit it enforces and stops if
+#: another writer changed it (6.1.188+, 6.12.109+, 7.2, 7.3)
+SUPERSEDED_POINTS = (
+    "max_write",       # memory_max_write(): max != READ_ONCE(memcg->memory.max)
+    "high_write",      # memory_high_write(): high != READ_ONCE(memcg->memory.high)
+)
+
+#: Where a limit loop stops when the cgroup is being removed
+#: (memcg_is_dying(); 7.3: cgroup_rmdir() waits with cgroup_mutex held)
+DYING_POINTS = (
+    "max_write",       # memory_max_write(), top of each pass → the loop stops
+    "high_write",      # memory_high_write(), top of each pass → the loop stops
+    "resize",          # v1 mem_cgroup_resize_max(), after a failed set_max → its -EBUSY
+    "reclaim_write",   # memory.reclaim: user_proactive_reclaim(), each pass → -EAGAIN
+)
 
 #: The counter reads (page_counter_read) the kernel takes a decision on,
 #: where other CPUs' charges and uncharges can make the value anything.
@@ -82,7 +114,8 @@ class Task:
 
     ``dying``: an OOM victim, a fatal signal pending, or exiting.
     ``in_user_fault``: the charge comes from a user page fault (matters to
-    v1 oom_kill_disable).  ``memcg_in_oom`` and
+    v1 oom_kill_disable).  ``oom_reaped``: an OOM victim whose mm the OOM
+    reaper has finished with (MMF_OOM_SKIP set).  ``memcg_in_oom`` and
     ``memcg_nr_pages_over_high`` are kernel state the model updates.
     """
     pid: int = 1
@@ -90,6 +123,7 @@ class Task:
     dying: bool = False
     in_user_fault: bool = True
     signal_pending: bool = False
+    oom_reaped: bool = False
     memcg_in_oom: object = None
     memcg_nr_pages_over_high: int = 0
 
@@ -170,6 +204,8 @@ class Ctx:
     set_max_race: object = None
     signal: object = None
     stock_locked: object = None
+    superseded: object = None
+    memcg_dying: object = None
     steps: list = field(default_factory=list)
 
     def __post_init__(self):
@@ -225,6 +261,25 @@ class Ctx:
         answer = self.signal(memcg, where)
         if not isinstance(answer, bool):
             raise ValueError(f"signal oracle returned {answer!r} at {where}; expected a bool")
+        return answer
+
+    def limit_superseded(self, memcg, where: str, written: int) -> bool:
+        """Does the limit a v2 loop enforces (``written``) still hold?  The
+        ``superseded`` oracle's answer, else the model's own limit."""
+        if self.superseded is None:
+            return (memcg.memory.max if where == "max_write" else memcg.memory.high) != written
+        answer = self.superseded(memcg, where)
+        if not isinstance(answer, bool):
+            raise ValueError(f"superseded oracle returned {answer!r} at {where}; expected a bool")
+        return answer
+
+    def is_dying(self, memcg, where: str) -> bool:
+        """memcg_is_dying(memcg) at ``where`` (the ``memcg_dying`` oracle)."""
+        if self.memcg_dying is None:
+            return False
+        answer = self.memcg_dying(memcg, where)
+        if not isinstance(answer, bool):
+            raise ValueError(f"memcg_dying oracle returned {answer!r} at {where}; expected a bool")
         return answer
 
     def race_pages(self, memcg, counter: str) -> int:

@@ -39,7 +39,8 @@ class Kernel:
     propagate upward.  ``hz``: CONFIG_HZ, for memory.high throttling.
     ``evict_slot(cpu, nslots) -> index``: which 6.18 stock slot a refill
     evicts when all are taken (the kernel picks at random; default: a
-    seeded RNG).
+    seeded RNG); refused where the profile evicts round robin (6.18.36+,
+    7.x: ``drain_idx``, no choice to make) or has one slot.
     """
 
     def __init__(self, profile: str | Profile, cgroup: str = "v2", cpus: int = 1, *,
@@ -56,6 +57,9 @@ class Kernel:
         self.memory_localevents = memory_localevents
         self.hz = hz
         self._rng = random.Random(seed)
+        if evict_slot is not None and self.profile.stock_evict != "random":
+            raise ValueError(f"evict_slot: profile {self.profile.name} does not evict a stock slot "
+                             f"at random ({self.profile.stock_evict or 'one slot'})")
         self.evict_slot = evict_slot or (lambda cpu, n: self._rng.randrange(n))
         self.stocks = [PerCpuStock(c, self.profile.stock_slots) for c in range(cpus)]
         self.pending_drains: set[int] = set()
@@ -95,11 +99,11 @@ class Kernel:
     # -- tasks ---------------------------------------------------------------------
 
     def set_task_flags(self, *, pf_memalloc=None, dying=None, in_user_fault=None,
-                       signal_pending=None) -> Task:
+                       signal_pending=None, oom_reaped=None) -> Task:
         """Set flags of the default task (the one charges use without ``task=``)."""
         for name, value in (("pf_memalloc", pf_memalloc), ("dying", dying),
                             ("in_user_fault", in_user_fault),
-                            ("signal_pending", signal_pending)):
+                            ("signal_pending", signal_pending), ("oom_reaped", oom_reaped)):
             if value is not None:
                 setattr(self.task, name, bool(value))
         return self.task
@@ -168,9 +172,9 @@ class Kernel:
             handle.swap.uncharge(nr_pages)
 
     def return_to_user(self, handle: MemCgroup, reclaim=None, *, task: Task | None = None,
-                       drain=None) -> ChargeResult:
+                       drain=None, signal=None) -> ChargeResult:
         """The task returns to user space: mem_cgroup_handle_over_high(GFP_KERNEL)."""
-        ctx = self._ctx(0, task, reclaim, None, drain)
+        ctx = self._ctx(0, task, reclaim, None, drain, signal=signal)
         mem_cgroup_handle_over_high(ctx, handle, GFP.KERNEL)
         return ChargeResult(0, ctx.steps)
 
@@ -187,7 +191,7 @@ class Kernel:
     def write(self, handle: MemCgroup, filename: str, text: str, *, reclaim=None,
               signal_pending: bool = False, nonblock: bool = False, oom=None, drain=None,
               cpu: int = 0, task: Task | None = None, usage=None, set_max_race=None,
-              signal=None) -> int:
+              signal=None, superseded=None, memcg_dying=None) -> int:
         """write(2) to a control file → 0 or -errno.  ``reclaim`` is the
         oracle for the reclaim a limit write does (default: frees nothing);
         ``signal_pending`` a signal pending in every pass of the write's
@@ -197,15 +201,18 @@ class Kernel:
         return self.write_ex(handle, filename, text, reclaim=reclaim,
                              signal_pending=signal_pending, nonblock=nonblock, oom=oom,
                              drain=drain, cpu=cpu, task=task, usage=usage,
-                             set_max_race=set_max_race, signal=signal).ret
+                             set_max_race=set_max_race, signal=signal, superseded=superseded,
+                             memcg_dying=memcg_dying).ret
 
     def write_ex(self, handle, filename, text, *, reclaim=None, signal_pending=False,
                  nonblock=False, oom=None, drain=None, cpu=0, task=None, usage=None,
-                 set_max_race=None, signal=None) -> WriteResult:
+                 set_max_race=None, signal=None, superseded=None,
+                 memcg_dying=None) -> WriteResult:
         """Like ``write`` but returns the steps too."""
         writer = Task(signal_pending=signal_pending, in_user_fault=False) if task is None else task
         ctx = self._ctx(cpu, writer, reclaim, oom, drain, usage=usage,
-                        set_max_race=set_max_race, signal=signal)
+                        set_max_race=set_max_race, signal=signal, superseded=superseded,
+                        memcg_dying=memcg_dying)
         ret = cgroupfs.write_file(ctx, handle, filename, text, nonblock)
         run_pending_drains(self, ctx.steps)
         ctx.steps.append(LimitResult(handle.path, filename, ret))

@@ -39,7 +39,9 @@ def mem_cgroup_resize_max(ctx, memcg, max_pages: int, memsw: bool) -> int:
 
     Never OOMs.  Loops while 1-page reclaims make progress; the first
     failure of set_max drains the stocks instead of reclaiming.  The
-    ``set_max_race`` oracle models a charge landing inside set_max.
+    ``set_max_race`` oracle models a charge landing inside set_max.  7.3:
+    after a failed set_max, a dying memcg (the ``memcg_dying`` oracle)
+    returns its -EBUSY at once.
     """
     counter = memcg.memsw if memsw else memcg.memory
     enlarge = False
@@ -62,6 +64,9 @@ def mem_cgroup_resize_max(ctx, memcg, max_pages: int, memsw: bool) -> int:
         ctx.steps.append(SetMax(memcg.path, counter.name, max_pages, ret))
         if ret == 0:
             break
+        # 7.3: an rmdir under way waits for us; its -EBUSY stands
+        if ctx.kernel.profile.limit_dying_break and ctx.is_dying(memcg, "resize"):
+            break
         if not drained:
             _drain(ctx, memcg)
             drained = True
@@ -78,12 +83,33 @@ def mem_cgroup_resize_max(ctx, memcg, max_pages: int, memsw: bool) -> int:
     return ret
 
 
+def _loop_stops(ctx, memcg, where: str, limit: int) -> tuple[bool, int]:
+    """The top of a v2 limit loop: (stop?, the usage read).
+
+    Kernel order (7.3.4 mm/memcontrol.c): the limit superseded (6.1.188+,
+    6.12.109+, 6.18.50+, 7.2.4+, 7.3: "mm: memcg: stop reclaim when a limit
+    update is superseded"), usage within the limit, a signal, the memcg
+    dying (7.3)."""
+    p = ctx.kernel.profile
+    usage = ctx.read_usage(memcg, "memory", where)
+    if p.limit_superseded_break and ctx.limit_superseded(memcg, where, limit):
+        return True, usage
+    if usage <= limit or ctx.signalled(memcg, where):
+        return True, usage
+    if p.limit_dying_break and ctx.is_dying(memcg, where):
+        return True, usage
+    return False, usage
+
+
 def memory_max_write(ctx, memcg, max_pages: int, nonblock: bool = False) -> None:
     """v2 memory.max: set at once (never -EBUSY), then while usage > max:
     stop on a signal; drain once; reclaim ``usage - max`` (may swap) with a
     budget of 16 zero-progress passes; then an ``oom`` event and
     mem_cgroup_out_of_memory(memcg, GFP_KERNEL, 0), stopping if it returns
-    false.  6.18 with O_NONBLOCK stops after setting max."""
+    false.  6.18+ with O_NONBLOCK stops after setting max.  Where the
+    profile has them, each pass also stops when another writer changed
+    memory.max (the ``superseded`` oracle) or the memcg is dying (7.3, the
+    ``memcg_dying`` oracle)."""
     memcg.memory.max = max_pages
     ctx.steps.append(SetMax(memcg.path, "memory", max_pages, 0))
     if nonblock and ctx.kernel.profile.nonblock_limit_writes:
@@ -91,10 +117,8 @@ def memory_max_write(ctx, memcg, max_pages: int, nonblock: bool = False) -> None
     nr_reclaims = MAX_RECLAIM_RETRIES
     drained = False
     for _ in range(MAX_MODEL_PASSES):
-        usage = ctx.read_usage(memcg, "memory", "max_write")
-        if usage <= max_pages:
-            break
-        if ctx.signalled(memcg, "max_write"):
+        stop, usage = _loop_stops(ctx, memcg, "max_write", max_pages)
+        if stop:
             break
         if not drained:
             _drain(ctx, memcg)
@@ -121,17 +145,16 @@ def memory_high_write(ctx, memcg, high_pages: int, nonblock: bool = False) -> No
     """v2 memory.high: set high, drain once, reclaim ``usage - high`` until it
     fits, a signal, or a zero-progress pass when no retry is left
     (``if (!reclaimed && !nr_retries--) break``: 17 zero-progress calls).
-    Never OOMs.  6.18 with O_NONBLOCK stops after setting high."""
+    Never OOMs.  6.18+ with O_NONBLOCK stops after setting high.  The
+    superseded and dying breaks as in ``memory_max_write``."""
     memcg.memory.high = high_pages
     if nonblock and ctx.kernel.profile.nonblock_limit_writes:
         return
     retries = MAX_RECLAIM_RETRIES
     drained = False
     for _ in range(MAX_MODEL_PASSES):
-        usage = ctx.read_usage(memcg, "memory", "high_write")
-        if usage <= high_pages:
-            break
-        if ctx.signalled(memcg, "high_write"):
+        stop, usage = _loop_stops(ctx, memcg, "high_write", high_pages)
+        if stop:
             break
         if not drained:
             _drain(ctx, memcg)
@@ -148,7 +171,8 @@ def memory_high_write(ctx, memcg, high_pages: int, nonblock: bool = False) -> No
 def memory_reclaim(ctx, memcg, nr_to_reclaim: int) -> int:
     """v2 memory.reclaim (6.1 form): reclaim until ``nr_to_reclaim`` pages
     are freed → 0, -EINTR on a signal, -EAGAIN when a zero-progress pass
-    finds no retry left.  Each call asks for what is still missing
+    finds no retry left or (7.3, user_proactive_reclaim) the memcg is dying
+    (the ``memcg_dying`` oracle).  Each call asks for what is still missing
     (later kernels cap the batch; not modelled)."""
     retries = MAX_RECLAIM_RETRIES
     done = 0
@@ -157,6 +181,8 @@ def memory_reclaim(ctx, memcg, nr_to_reclaim: int) -> int:
             break
         if ctx.signalled(memcg, "reclaim_write"):
             return -errno.EINTR
+        if ctx.kernel.profile.limit_dying_break and ctx.is_dying(memcg, "reclaim_write"):
+            return -errno.EAGAIN
         reclaimed = try_to_free_mem_cgroup_pages(ctx, memcg, nr_to_reclaim - done, GFP.KERNEL,
                                                  True, reason="proactive")
         if not reclaimed:

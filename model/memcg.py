@@ -36,10 +36,16 @@ class MemCgroup:
             return PageCounter(name, self, up, track_failcnt=track, **opts)
 
         v1 = kernel.cgroup == "v1"
-        # 6.18: only v1 `memory` counts failures; earlier every counter does
-        self.memory = counter("memory", v1 or not p.track_failcnt)
-        self.memsw = counter("memsw", not p.track_failcnt) if (v1 and kernel.swap_account) else None
-        self.swap = counter("swap", not p.track_failcnt) if not v1 else None
+        # mem_cgroup_css_alloc: ≤ 6.14 every counter counts failures; from
+        # 6.15 only the v1 counters of the profile's failcnt_counters
+        # (memory; memsw too from 6.18.50, 7.2.4, 7.3), none on v2
+        tracked = p.failcnt_counters
+
+        def tracks(name):
+            return tracked is None or (v1 and name in tracked)
+        self.memory = counter("memory", tracks("memory"))
+        self.memsw = counter("memsw", tracks("memsw")) if (v1 and kernel.swap_account) else None
+        self.swap = counter("swap", tracks("swap")) if not v1 else None
         self.soft_limit = PAGE_COUNTER_MAX
         self.oom_kill_disable = False
         self.under_oom = 0

@@ -19,8 +19,9 @@ PAGE_COUNTER_MAX = ((1 << 63) - 1) // PAGE_SIZE
 class PageCounter:
     """``struct page_counter``.
 
-    ``local_watermark`` exists from 6.12; ``track_failcnt`` from 6.18 (on
-    older profiles every counter counts failures, modelled as True).
+    ``local_watermark`` exists from 6.12; ``track_failcnt`` from 6.15 (on
+    older profiles every counter counts failures, modelled as True; which
+    counters set it: the profile's ``failcnt_counters``).
     ``clamps``: ≥ 5.15 clamps a negative usage to 0 after the warning.
     """
 
@@ -77,7 +78,7 @@ class PageCounter:
 
         Leaf → root: each level adds then compares (``usage == max`` is
         allowed).  The first level over its max takes the pages back,
-        increments *its own* failcnt (6.18: only if the leaf counter has
+        increments *its own* failcnt (≥ 6.15: only if the leaf counter has
         track_failcnt) and the levels below are cancelled; levels above are
         untouched.  The watermark of each level that passed is updated as
         the walk goes, so a failure higher up leaves the lower watermarks

@@ -5,7 +5,7 @@ No file I/O here: the CLI reads the file.
 Format (sizes are strings with an optional K/M/G suffix, or integers in
 pages)::
 
-    kernel = "6.1"            # profile: 5.10 5.10.0 5.15 6.1 6.6 6.12 6.18
+    kernel = "6.1"            # a profile (model/profiles.py: 5.10, 6.1, 6.12, 6.18, 7.3, ...)
     cgroup = "v2"             # v1 or v2
     cpus = 2
     swap = "0"                # swap device size (anon is reclaimable only with swap)
@@ -27,7 +27,8 @@ Per op, optional: ``cpu``; for charge/write ``reclaim = [pages, ...]`` (the
 reclaim oracle's answers, in order, then 0; default: the environment),
 ``drain = "all" | "local" | "skipped"``, ``oom = [true, false, ...]`` (what
 out_of_memory() returns, in order; default: the environment kills);
-for charge ``pages``, ``gfp`` and ``flags = ["PF_MEMALLOC", "DYING"]`` (op
+for charge ``pages``, ``gfp`` and ``flags = ["PF_MEMALLOC", "DYING"]`` (also
+``OOM_REAPED``: an OOM victim whose mm the reaper is done with; op
 ``flags`` sets them for a ``task``, or for later charge ops);
 for write ``file``, ``value``, ``signal_pending``, ``nonblock``.
 """
@@ -65,7 +66,7 @@ _OP_KEYS = {
 }
 _COMMON = {"op", "expect", "note"}
 _FLAGS = {"PF_MEMALLOC": "pf_memalloc", "DYING": "dying", "NOT_USER_FAULT": "not_user_fault",
-          "SIGNAL_PENDING": "signal_pending"}
+          "SIGNAL_PENDING": "signal_pending", "OOM_REAPED": "oom_reaped"}
 
 
 class ScenarioError(ValueError):
@@ -334,7 +335,7 @@ def _run_op(sc: Scenario, i: int, op: dict) -> OpResult:
             raise _err(name, f"{where}.flags", f"{flags!r}; use a list of {', '.join(_FLAGS)}")
         task = Task(pf_memalloc="PF_MEMALLOC" in flags, dying="DYING" in flags,
                     in_user_fault="NOT_USER_FAULT" not in flags,
-                    signal_pending="SIGNAL_PENDING" in flags)
+                    signal_pending="SIGNAL_PENDING" in flags, oom_reaped="OOM_REAPED" in flags)
         r = env.charge(m, pages, gfp, cpu, task=task, **oracles())
         return OpResult(i, kind, f"charge {pages} to {m.path}: ret {_errname(r.ret)} "
                         f"({_summ_steps(r.steps)})", r.ret, r.steps)
@@ -388,6 +389,7 @@ def _run_op(sc: Scenario, i: int, op: dict) -> OpResult:
         t.task.dying = "DYING" in flags
         t.task.in_user_fault = "NOT_USER_FAULT" not in flags
         t.task.signal_pending = "SIGNAL_PENDING" in flags
+        t.task.oom_reaped = "OOM_REAPED" in flags
         return OpResult(i, kind, f"task {t.name} flags {flags}", 0)
     # return_to_user
     t = env.tasks.get(need("task"))

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 __all__ = [
     "Step", "RootBypass", "StockHit", "CounterCharge", "CounterFail", "BatchShrink", "Event",
     "Force", "Nomem", "Reclaim", "Drain", "DrainWork", "Retry", "Oom", "OomKill",
-    "Restock", "StockDrain", "HighOver", "HighThrottle", "SetMax", "LimitResult",
+    "Restock", "StockDrain", "HighOver", "HighThrottle", "HighBail", "SetMax", "LimitResult",
     "ChargeResult", "WriteResult",
 ]
 
@@ -95,8 +95,9 @@ class Force(Step):
 
 @_step("nomem")
 class Nomem(Step):
-    """-ENOMEM; ``reason``: memcg_in_oom, no_direct_reclaim, noretry,
-    retry_mayfail, passed_oom_dying, oom."""
+    """-ENOMEM; ``reason``: memcg_in_oom, no_direct_reclaim, oom_skip (an
+    OOM victim the reaper is done with), noretry, retry_mayfail,
+    passed_oom_dying, oom."""
     cgroup: str
     reason: str
 
@@ -203,6 +204,14 @@ class HighThrottle(Step):
     cgroup: str
     jiffies: int
     slept: bool
+
+
+@_step("high_bail")
+class HighBail(Step):
+    """mem_cgroup_handle_over_high stopped before its reclaim: ``reason``
+    dying (≥ 6.8: task_is_dying(), no reclaim, no throttling)."""
+    cgroup: str
+    reason: str
 
 
 @_step("set_max")

@@ -1,10 +1,15 @@
 """The per-cpu charge stock (``memcg_stock_pcp``): consume_stock,
 refill_stock, drain_stock, drain_all_stock.
 
-≤ 6.14: one cached memcg and a page count per CPU.  6.18: NR_MEMCG_STOCK = 7
-slots per CPU behind a ``local_trylock``, which fails only when a charge
-interrupts another on the same CPU; the ``stock_locked(cpu)`` oracle
-(default: never) lets a caller pick that interleaving.
+≤ 6.17: one cached memcg and a page count per CPU.  6.18, 7.x:
+NR_MEMCG_STOCK = 7 slots per CPU behind a ``local_trylock``, which fails
+only when a charge interrupts another on the same CPU; the
+``stock_locked(cpu)`` oracle (default: never) lets a caller pick that
+interleaving.  Which slot a refill evicts when all are taken (the
+profile's ``stock_evict``): 6.18.0–6.18.35 one at random
+(``Kernel(evict_slot=)``), 6.18.36+ and 7.x the per-cpu ``drain_idx``,
+round robin; 7.3 empties a slot whose pages reach 0
+(``stock_release_empty``).
 """
 
 from __future__ import annotations
@@ -16,12 +21,14 @@ __all__ = ["PerCpuStock", "consume_stock", "refill_stock", "drain_stock",
 
 
 class PerCpuStock:
-    __slots__ = ("cpu", "memcgs", "nr_pages")
+    __slots__ = ("cpu", "memcgs", "nr_pages", "drain_idx")
 
     def __init__(self, cpu: int, slots: int):
         self.cpu = cpu
         self.memcgs = [None] * slots
         self.nr_pages = [0] * slots
+        #: memcg_stock_pcp.drain_idx (6.18.36+, 7.x): the next slot a full refill evicts
+        self.drain_idx = 0
 
     def slot_of(self, memcg) -> int:
         for i, m in enumerate(self.memcgs):
@@ -40,14 +47,15 @@ def stocked_pages(kernel, memcg) -> int:
 
 
 def _trylock_fails(kernel, cpu: int, locked) -> bool:
-    """6.18 only: local_trylock(&memcg_stock.lock) failed (``locked``: the
+    """6.18, 7.x: local_trylock(&memcg_stock.lock) failed (``locked``: the
     stock_locked oracle)."""
     return kernel.profile.stock_slots > 1 and locked is not None and bool(locked(cpu))
 
 
 def consume_stock(kernel, memcg, nr_pages: int, cpu: int, locked=None) -> bool:
     """Take ``nr_pages`` from this CPU's stock if it caches ``memcg`` with
-    enough pages.  ``nr_pages > BATCH`` never hits (no slot holds more)."""
+    enough pages.  ``nr_pages > BATCH`` never hits (no slot holds more).
+    7.3: a slot left with 0 pages is emptied (css_put, cached[i] = NULL)."""
     if nr_pages > kernel.profile.charge_batch or _trylock_fails(kernel, cpu, locked):
         return False
     stock = kernel.stocks[cpu]
@@ -55,6 +63,8 @@ def consume_stock(kernel, memcg, nr_pages: int, cpu: int, locked=None) -> bool:
     if i < 0 or stock.nr_pages[i] < nr_pages:
         return False
     stock.nr_pages[i] -= nr_pages
+    if not stock.nr_pages[i] and kernel.profile.stock_release_empty:
+        stock.memcgs[i] = None
     return True
 
 
@@ -83,13 +93,14 @@ def _uncharge_direct(kernel, memcg, nr, cpu, steps):
 def refill_stock(kernel, memcg, nr_pages: int, cpu: int, steps, locked=None) -> None:
     """Put ``nr_pages`` (already charged to the counters) in this CPU's stock.
 
-    ≤ 6.14 (one slot): a different cached memcg is drained first; above
+    ≤ 6.17 (one slot): a different cached memcg is drained first; above
     BATCH the whole stock is drained.
-    6.18 (seven slots): above BATCH or when the trylock fails (``locked``:
-    the stock_locked oracle), uncharge directly; a slot already
-    holding ``memcg`` grows and is drained alone above BATCH; otherwise an
-    empty slot is used or one picked at random (``kernel.evict_slot``) is
-    drained and reused.
+    6.18, 7.x (seven slots): above BATCH or when the trylock fails
+    (``locked``: the stock_locked oracle), uncharge directly; a slot already
+    holding ``memcg`` grows and is drained alone above BATCH; otherwise the
+    first empty slot is used, or a full stock drains and reuses one:
+    6.18.0–6.18.35 at random (``kernel.evict_slot``), 6.18.36+ and 7.x
+    ``drain_idx``, which then moves on to the next slot (round robin).
     """
     batch = kernel.profile.charge_batch
     stock = kernel.stocks[cpu]
@@ -114,7 +125,11 @@ def refill_stock(kernel, memcg, nr_pages: int, cpu: int, steps, locked=None) -> 
     if empty:
         i = empty[0]
     else:
-        i = kernel.evict_slot(cpu, len(stock.memcgs))
+        if kernel.profile.stock_evict == "round_robin":     # 6.18.36+, 7.x
+            i = stock.drain_idx
+            stock.drain_idx = (i + 1) % len(stock.memcgs)
+        else:                                               # 6.18.0–6.18.35
+            i = kernel.evict_slot(cpu, len(stock.memcgs))
         drain_stock(kernel, stock, i, "evict", steps)
     stock.memcgs[i] = memcg
     stock.nr_pages[i] = nr_pages

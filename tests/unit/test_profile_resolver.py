@@ -24,14 +24,20 @@ DEB510 = "#1 SMP Debian 5.10.262-1 (2026-07-31)"
     ("5.10.0-46-amd64", DEB510, None, "5.10", "5.10.262", True),
     ("5.10.0-46-amd64", None, None, "5.10", None, False),     # sublevel unknown: newest 5.10 form, warned
     ("6.1.0-57-amd64", "#1 SMP PREEMPT_DYNAMIC Debian 6.1.192-3 (2026-05-01)", None, "6.1", "6.1.192", True),
-    ("6.1.0-57-amd64", None, None, "6.1", "6.1", True),       # one 6.1 profile: no sublevel needed
+    ("6.1.0-57-amd64", None, None, "6.1", None, False),       # three 6.1 ranges: newest, warned
     ("6.12.117+deb12-amd64", None, None, "6.12", "6.12.117", True),
     ("6.18.15+deb13-amd64", None, None, "6.18", "6.18.15", True),
-    ("7.3.4+deb13-amd64", None, None, "6.18", "7.3.4", False),  # newer than every profile: nearest older
+    ("7.3.4+deb13-amd64", None, None, "7.3", "7.3.4", True),
+    ("7.2.13+deb14-amd64", None, None, "7.2", "7.2.13", True),
+    ("7.4.1", None, None, "7.3", "7.4.1", False),             # newer than every profile: nearest older
+    ("6.19.6+deb13-amd64", None, None, "6.18.51", "6.19.6", False),   # between 6.18 and 7.2
     ("5.15.0-91-generic", "#101-Ubuntu SMP", "Ubuntu 5.15.0-91.101-generic 5.15.131", "5.15", "5.15.131", True),
     ("6.8.0-45-generic", None, None, "6.6", "6.8", False),
     ("5.10.13", None, None, "5.10.0", "5.10.13", True),
-    ("5.10.70", None, None, "5.10.0", "5.10.70", False),      # unread 5.10.60-79: nearest older, warned
+    # 5.10.60-79: no try_charge change in the Debian changelog before 5.10.80
+    ("5.10.70", None, None, "5.10.0", "5.10.70", True),
+    ("5.10.79", None, None, "5.10.0", "5.10.79", True),
+    ("5.10.80", None, None, "5.10", "5.10.80", True),
 ])
 def test_resolution(release, version, signature, profile, upstream, exact):
     r = resolve_profile(release, version, signature=signature)
@@ -51,8 +57,24 @@ def test_refusals_are_one_line():
     assert resolve_profile("7.3.4+deb13-amd64", override="6.12").profile.name == "6.12"
     with pytest.raises(ValueError, match="unknown kernel profile '9.9'"):
         resolve_profile("6.1.0-1-amd64", override="9.9")
-    with pytest.raises(ValueError, match="5.10.60–5.10.79 were not read"):
-        get_profile("5.10.70")
+    with pytest.raises(ValueError, match="unknown kernel profile '6.19.6'"):
+        get_profile("6.19.6")      # get_profile takes no nearest-older guess either
+
+
+@pytest.mark.parametrize("family,ranges", [
+    ("6.1", [(0, "6.1.0"), (55, "6.1.0"), (56, "6.1.56"), (187, "6.1.56"), (188, "6.1"), (192, "6.1")]),
+    ("6.12", [(0, "6.12.0"), (108, "6.12.0"), (109, "6.12.109"), (116, "6.12.109"), (117, "6.12"),
+              (300, "6.12")]),
+    ("6.18", [(0, "6.18"), (15, "6.18"), (35, "6.18"), (36, "6.18.36"), (44, "6.18.36"), (49, "6.18.36"),
+              (50, "6.18.50"), (51, "6.18.51"), (99, "6.18.51")]),
+    ("7.2", [(0, "7.2.0"), (3, "7.2.0"), (4, "7.2.4"), (5, "7.2"), (13, "7.2")]),
+    ("7.3", [(0, "7.3.0"), (3, "7.3.0"), (4, "7.3"), (9, "7.3")]),
+])
+def test_stable_ranges_meet_without_gaps(family, ranges):
+    for sub, name in ranges:
+        r = resolve_profile(f"{family}.{sub}")
+        assert (r.profile.name, r.exact) == (name, True), (family, sub)
+        assert get_profile(f"{family}.{sub}") is r.profile
 
 
 def test_upstream_from_captured_guests():
@@ -96,7 +118,7 @@ def test_replay_takes_the_recorded_profile(tmp_path, capsys):
 
 
 def test_replay_of_a_newer_kernel_warns_instead_of_refusing(tmp_path, capsys):
-    p = with_header(tmp_path, kernel="7.3.4+deb13-amd64", profile=None, kernel_version=None)
+    p = with_header(tmp_path, kernel="7.4.1", profile=None, kernel_version=None)
     rc, summary = replay_json(p, capsys)
-    assert summary["profile"] == "6.18"
+    assert summary["profile"] == "7.3"
     assert any("nearest older" in w for w in summary["warnings"])

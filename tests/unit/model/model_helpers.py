@@ -5,7 +5,7 @@ from __future__ import annotations
 from memcgscope.model import GFP, Kernel
 from memcgscope.model.stock import drain_local_stock
 
-ALL = ["5.10", "5.15", "6.1", "6.6", "6.12", "6.18"]
+ALL = ["5.10", "5.15", "6.1", "6.6", "6.12", "6.18", "7.2", "7.3"]
 LIMIT_FILE = {"v1": "memory.limit_in_bytes", "v2": "memory.max"}
 
 

@@ -168,8 +168,12 @@ def points(oracle):
 @pytest.mark.parametrize("profile,asked", [
     ("5.10.0", ["force_dying", "oom_dying"]),
     ("5.10", ["oom_dying", "passed_oom"]),
-    ("6.12", ["oom_dying", "passed_oom"]),
+    ("6.12.109", ["oom_dying", "passed_oom"]),
+    # 6.12.117+, 7.x: the MMF_OOM_SKIP test comes first, before any reclaim
+    ("6.12", ["oom_skip", "oom_dying", "passed_oom"]),
     ("6.18", ["passed_oom"]),
+    ("7.2", ["oom_skip", "passed_oom"]),
+    ("7.3", ["oom_skip", "passed_oom"]),
 ])
 def test_signal_points_of_a_charge(profile, asked):
     k, a = limited(profile, "v2", 10)
@@ -197,7 +201,8 @@ def test_signal_oracle_overrides_the_task_fields():
     k, a = limited("6.12", "v2", 10)
     fill(k, a, 10)
     # a dying task for which the oracle says no signal at mem_cgroup_out_of_memory
-    sig = recorder(lambda m, where: where != "oom_dying")
+    # (nor an OOM reaper done with its mm)
+    sig = recorder(lambda m, where: where not in ("oom_dying", "oom_skip"))
     r = k.charge(a, 1, task=Task(dying=True), signal=sig, oom=lambda t, o, g: False)
     assert r.of("oom")[0].result == "no_victim" and r.ret == ENOMEM
 
@@ -227,7 +232,7 @@ def test_signal_answer_must_be_a_bool():
 
 
 def test_signal_points_default_to_task_fields():
-    assert set(SIGNAL_POINTS.values()) == {"dying", "signal_pending"}
+    assert set(SIGNAL_POINTS.values()) == {"dying", "signal_pending", "oom_reaped"}
     for where, fieldname in SIGNAL_POINTS.items():
         assert hasattr(Task(), fieldname), where
 
