@@ -7,8 +7,9 @@ How a replay works.  The model runs the kernel function of the episode
 (``try_charge_memcg``, ``mem_cgroup_resize_max``, ``memory_max_write``,
 ``memory_high_write``) on a scratch ``Kernel`` whose oracles, the model's
 calls into the world, are answered by the observation in order: page-counter
-attempts, reclaim, the counter reads that follow it, drains, OOM calls and
-signals.  When the model wants to do something the kernel did not do next
+attempts, reclaim, the counter reads that follow it, drains, OOM calls,
+signals (and the OOM reaper's MMF_OOM_SKIP), superseded limits and dying
+memcgs.  When the model wants to do something the kernel did not do next
 (or the kernel did something the model cannot), the replay stops with a
 reason.  Unobservable task state is tried as variants; an episode is
 divergent only if no variant replays it.

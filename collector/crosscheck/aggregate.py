@@ -59,13 +59,19 @@ class AggregateChecker:
     ``CheckResult``.  The first call only records a baseline.
     """
 
-    def __init__(self, profile: str, cgroup: str, memsw: bool, tol: Tolerance = Tolerance()):
+    def __init__(self, profile: str, cgroup: str, memsw: bool, tol: Tolerance = Tolerance(), *,
+                 forced_charges_visible: bool = False, drains_visible: bool = False):
         self.profile = get_profile(profile)
         if cgroup not in ("v1", "v2"):
             raise ValueError(f"cgroup must be 'v1' or 'v2', not {cgroup!r}")
         self.cgroup = cgroup
         self.memsw = memsw
         self.tol = tol
+        #: every forced charge is an episode (the charge core and
+        #: page_counter_try_charge are probed): the v2 ``max`` count is
+        #: then held two-sided (see check_v2)
+        self.forced_charges_visible = forced_charges_visible
+        self.drains_visible = drains_visible
         self._checker = None
         self._prev: dict = {}          # cgroup_id -> (failcnt dict, events dict, kernel failures dict)
         self._prev_lost = None
@@ -85,7 +91,9 @@ class AggregateChecker:
         """Check a window's episodes (dicts) with this checker's own
         CrossChecker (shape-cached) and observe the results."""
         if self._checker is None:
-            self._checker = CrossChecker(self.profile, self.cgroup, self.memsw)
+            self._checker = CrossChecker(self.profile, self.cgroup, self.memsw,
+                                         drains_visible=self.drains_visible,
+                                         forced_charges_visible=self.forced_charges_visible)
         for ep in episodes:
             self.observe(self._checker.check(ep))
 
@@ -113,8 +121,9 @@ class AggregateChecker:
     def _failcnt(self, cgroup_id, counter, delta, kernel_failures, lost):
         check = "failcnt" if counter == "memory" else "memsw_failcnt"
         one_sided = False
-        if counter == "memsw" and self.profile.track_failcnt:
-            implied = 0   # 6.18: only the v1 memory counter tracks failcnt
+        tracked = self.profile.failcnt_counters
+        if tracked is not None and counter not in tracked:
+            implied = 0   # 6.15–6.18.49, 7.2.0–7.2.3: memsw counts no failures
         elif kernel_failures is not None and counter in kernel_failures:
             implied = kernel_failures[counter]
         else:
@@ -127,11 +136,15 @@ class AggregateChecker:
         """v2 ``memory.events.local`` deltas (ints or text) of ``max``, ``oom``,
         ``oom_kill``.  ``max`` and ``oom`` are what the model raised replaying
         the window's episodes on this cgroup (one ``max`` per reclaim pass
-        with it as the failing level, plus a forced charge's on 6.1+; one
-        ``oom`` per mem_cgroup_oom of order <= 3 and per memory.max write
-        OOM).  Kills are seen (oom:mark_victim) but attributed to the cgroup
-        whose OOM ran, while the kernel counts them on the victim's cgroup:
-        a cgroup is only flagged for more kills than were seen in all."""
+        with it as the failing level, plus a forced charge's on 6.1+ and a
+        rejected one's on 7.3.4+; one ``oom`` per mem_cgroup_oom of order
+        <= 3 and per memory.max write OOM).  ``max`` is one-sided on 6.1+
+        unless every forced charge is an episode (``forced_charges_visible``):
+        then the kernel may count neither fewer nor more than implied, within
+        the tolerance.  Kills are seen (oom:mark_victim) but attributed to
+        the cgroup whose OOM ran, while the kernel counts them on the
+        victim's cgroup: a cgroup is only flagged for more kills than were
+        seen in all."""
         out = []
         delta = {k: int(v) for k, v in events_local_delta.items()}
         for name in ("max", "oom"):
@@ -139,8 +152,12 @@ class AggregateChecker:
                 continue
             implied = self.events.get((cgroup_id, name), 0)
             # >= 6.1 a forced charge raises max; one forced right after its
-            # counter failures is not an episode, so the kernel may count more
-            one_sided = name == "max" and self.profile.forced_charge_raises_max
+            # counter failures is an episode only where the charge core and
+            # page_counter_try_charge are probed: elsewhere the kernel may
+            # count more.  (A rejected charge, whose 7.3.4+ max event enters
+            # `implied`, is an episode whenever charges are probed: it failed.)
+            one_sided = (name == "max" and self.profile.forced_charge_raises_max
+                         and not self.forced_charges_visible)
             d = compare_count(f"events_{name}", f"events_{name}_mismatch", delta[name], implied,
                               tol=self.tol, lost=lost, one_sided=one_sided,
                               what=f"cgroup {cgroup_id} {name}: ")

@@ -46,7 +46,8 @@ class CrossChecker:
     forced charge is an episode; only then is ``over_max`` checked (the
     probes keep a charge in the kernel unless it reclaims, drains, OOMs or
     fails, so a charge forced right after its counter failures, e.g. by
-    PF_MEMALLOC or __GFP_HIGH, is unseen and could explain the excess).
+    PF_MEMALLOC or __GFP_HIGH, is unseen and could explain the excess);
+    ``AggregateChecker`` takes the same flag for its two-sided ``max``.
     ``over_max_slack``: pages above max tolerated even then (see README).
     """
 

@@ -45,18 +45,20 @@ def _entry_limits(k, leaf, fname, pages, inv):
         _set_limit(k, leaf, "memory.memsw.limit_in_bytes", memsw_max)
 
 
-def run_write(cc, mode, shape, ret, fname, text, *, limit_max=0, inv=True):
-    """→ (verdict, reason, detail, events)."""
+def run_write(cc, mode, shape, ret, fname, text, *, limit_max=0, inv=True, exit_max=None):
+    """→ (verdict, reason, detail, events).  ``exit_max``: a v2 memory.max
+    write's limit at its return, if recorded (the superseded oracle)."""
     nrel = 1 + max(((s[3] if s[0] == "F" else s[1]) or 0) for s in shape) if shape else 1
     k, cgroups = scratch_kernel(cc.profile, cc.cgroup, cc.memsw, nrel)
     leaf = cgroups[0]
     if mode == "v1_limit":
         _entry_limits(k, leaf, fname, limit_max, inv)
     r = Replay(cc.profile, mode, shape, ret, cgroups, drains_visible=cc.drains_visible,
-               limit_max=limit_max)
+               limit_max=limit_max, exit_max=exit_max)
     try:
         out = k.write_ex(leaf, fname, text, reclaim=r.reclaim, oom=r.oom, drain=r.drain,
-                         task=Task(in_user_fault=False), usage=r.usage, signal=r.signal)
+                         task=Task(in_user_fault=False), usage=r.usage, signal=r.signal,
+                         superseded=r.superseded, memcg_dying=r.memcg_dying)
         oom_steps = [s for s in out.steps if s.kind == "oom"]
         if oom_steps and not oom_steps[-1].ret:
             r.nomem = "oom"
@@ -105,4 +107,6 @@ def replay_v2_limit(cc, ep, fname, ret, shape):
     if ret >= 0 and value is not None and ret != value:
         return ("divergent", "ret_mismatch", f"write of {value} bytes returned {ret}", ())
     cc.replays += 1
-    return run_write(cc, "v2_write", shape, ret, fname, text, limit_max=pages)
+    ex_max = (ep.get("exit") or {}).get("max") if fname == "memory.max" else None
+    return run_write(cc, "v2_write", shape, ret, fname, text, limit_max=pages,
+                     exit_max=None if ex_max is None else int(ex_max))

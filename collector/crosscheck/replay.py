@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import errno
 
-from memcgscope.model import PAGE_COUNTER_MAX, OomOutcome
+from memcgscope.model import GFP, PAGE_COUNTER_MAX, OomOutcome
 from memcgscope.model.charge import MAX_RECLAIM_RETRIES
 
 from .episode import END, MAY_SWAP, kind_of
@@ -23,6 +23,7 @@ __all__ = ["Replay", "classify"]
 
 #: a usage read with no margin: over any limit a scratch kernel has
 _FULL = PAGE_COUNTER_MAX
+_GFP_KERNEL = GFP.KERNEL
 
 
 class Replay:
@@ -30,7 +31,8 @@ class Replay:
     "v2_write".  ``cgroups``: rel -> handle of the scratch kernel."""
 
     def __init__(self, profile, mode, steps, ret, cgroups, *, gfp=0, nr=0,
-                 drains_visible=False, high_tail=False, limit_max=0, pf_memalloc=False):
+                 drains_visible=False, high_tail=False, limit_max=0, pf_memalloc=False,
+                 exit_max=None):
         self.profile, self.mode, self.steps, self.ret = profile, mode, steps, ret
         self.cgroups = cgroups
         self.i = 0
@@ -38,6 +40,7 @@ class Replay:
         self.drains_visible = drains_visible
         self.high_tail = high_tail          # a trailing high reclaim may follow success
         self.limit_max = limit_max
+        self.exit_max = exit_max            # a v2 write's memory.max at its return, if recorded
         self.pf_memalloc = pf_memalloc      # the variant's task flag (no high reclaim with it)
         self.last = None                    # the last step consumed
         self.retries = MAX_RECLAIM_RETRIES  # the model's nr_retries, for `moving`
@@ -92,9 +95,11 @@ class Replay:
             rest = self.steps[self.i:]
             # >= 6.1 sync memory.high reclaim after a successful charge
             # (mem_cgroup_handle_over_high): every remaining step is a
-            # may-swap reclaim of the charge's gfp, the first asking
-            # over_high (> BATCH) pages, retries SWAP_CLUSTER_MAX
-            if (all(s[0] == "R" and s[7] and s[3] == self.gfp for s in rest)
+            # may-swap reclaim of the charge's gfp (6.1.0-6.1.55:
+            # GFP_KERNEL), the first asking over_high (> BATCH) pages,
+            # retries SWAP_CLUSTER_MAX
+            high_gfp = self.gfp if self.profile.sync_high_charge_gfp else _GFP_KERNEL
+            if (all(s[0] == "R" and s[7] and s[3] == high_gfp for s in rest)
                     and rest[0][2] > self.profile.charge_batch):
                 self.i = len(self.steps)
                 return True
@@ -123,8 +128,10 @@ class Replay:
 
     def signal(self, memcg, where):
         """A fatal or pending signal can arrive at any moment, so the model
-        sees one only where the kernel stopped: the end of the observation."""
-        if where in ("force_dying", "passed_oom"):
+        sees one only where the kernel stopped: the end of the observation.
+        So does the OOM reaper's MMF_OOM_SKIP on a victim's mm (``oom_skip``)
+        and a task's death in its memory.high reclaim (``over_high``)."""
+        if where in ("force_dying", "passed_oom", "oom_skip", "over_high"):
             return self.at_end()
         if where == "oom_dying":
             # ≤ 6.14 mem_cgroup_out_of_memory's task_is_dying() is behind the
@@ -135,6 +142,23 @@ class Replay:
         if where in ("max_write", "high_write"):
             return self.at_end()
         raise RuntimeError(f"the replay has no answer for a signal at {where!r}")
+
+    def superseded(self, memcg, where):
+        """Another writer's limit can land at any moment: seen only where the
+        kernel stopped, and not when the limit at the write's return is the
+        one written (then nobody superseded it)."""
+        if not self.at_end():
+            return False
+        return self.exit_max is None or self.exit_max != self.limit_max
+
+    def memcg_dying(self, memcg, where):
+        """An rmdir can start at any moment: seen only where the kernel
+        stopped (v1 resize: with its -EBUSY, the set_max failure it keeps)."""
+        if where == "resize":
+            return self.at_end() and self.ret == -errno.EBUSY
+        if where in ("max_write", "high_write"):
+            return self.at_end()
+        raise RuntimeError(f"the replay has no answer for memcg_is_dying at {where!r}")
 
     def moving(self, over):
         """v1 <= 6.12 mem_cgroup_wait_acct_move: a charge move in progress

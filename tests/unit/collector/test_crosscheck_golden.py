@@ -32,7 +32,8 @@ from memcgscope.collector.crosscheck import CrossChecker
 
 RECORDINGS = Path(__file__).resolve().parents[1] / "data" / "recordings"
 GOLDEN = RECORDINGS / "verdicts.json"
-PROFILES = ("5.10", "5.10.0", "5.15", "6.1", "6.6", "6.12", "6.18")
+PROFILES = ("5.10", "5.10.0", "5.15", "6.1.0", "6.1.56", "6.1", "6.6", "6.12.0", "6.12.109", "6.12",
+            "6.18", "6.18.36", "6.18.50", "6.18.51", "7.2.0", "7.2.4", "7.2", "7.3.0", "7.3")
 MUTATIONS = 3          # per episode
 
 
