@@ -115,7 +115,7 @@ def try_charge_memcg(ctx, memcg, gfp: int, nr_pages: int) -> int:
             if p.force_on_gfp_atomic and gfp & _ATOMIC:
                 raise _Goto("force", "atomic")            # ≤ 6.0
             if p.early_dying_force and ctx.signalled(memcg, "force_dying"):
-                raise _Goto("force", "dying")             # 5.10.0–5.10.5x
+                raise _Goto("force", "dying")             # 5.10.0–5.10.79
             if task.pf_memalloc:
                 raise _Goto("force", "pf_memalloc")
             if task.memcg_in_oom is not None:
@@ -164,13 +164,13 @@ def try_charge_memcg(ctx, memcg, gfp: int, nr_pages: int) -> int:
                 raise _Goto("nomem", "passed_oom_dying")  # 5.10.80+ and later
             status = mem_cgroup_oom(ctx, over, gfp, order_of(nr_pages))
             if status == "success":
-                # 5.10.0–5.10.5x retried without remembering the OOM
+                # 5.10.0–5.10.79 retried without remembering the OOM
                 passed_oom = not p.early_dying_force
                 retries = MAX_RECLAIM_RETRIES
                 retry("oom")
                 continue
             if p.early_dying_force and status == "failed":
-                raise _Goto("force", "oom_failed")        # 5.10.0–5.10.5x: OOM_FAILED
+                raise _Goto("force", "oom_failed")        # 5.10.0–5.10.79: OOM_FAILED
             raise _Goto("nomem", "oom")
     except _Goto as g:
         label, reason = g.label, g.reason

@@ -56,14 +56,14 @@ __all__ = ["Task", "ReclaimResult", "OomOutcome", "Ctx", "SIGNAL_POINTS", "USAGE
 #: Where the kernel tests the current task for a signal, and the ``Task``
 #: field that answers when no ``signal`` oracle is given.
 SIGNAL_POINTS = {
-    # 5.10.0–5.10.5x mm/memcontrol.c try_charge(): should_force_charge()
+    # 5.10.0–5.10.79 mm/memcontrol.c try_charge(): should_force_charge()
     # (OOM victim, fatal signal or exiting) → force, before any reclaim
     "force_dying": "dying",
     # ≥ 5.10.80 try_charge() / try_charge_memcg(): after an OOM,
     # passed_oom && task_is_dying() → nomem
     "passed_oom": "dying",
     # ≤ 6.14 mem_cgroup_out_of_memory(): task_is_dying() || out_of_memory()
-    # (5.10.0–5.10.5x: should_force_charge() || out_of_memory())
+    # (5.10.0–5.10.79: should_force_charge() || out_of_memory())
     "oom_dying": "dying",
     # v1 mem_cgroup_resize_max(): signal_pending() → -EINTR, each pass
     "resize": "signal_pending",

@@ -40,7 +40,7 @@ class Profile:
     has_gfp_atomic: bool
     #: __GFP_ATOMIC → force, before reclaim (≤ 6.0)
     force_on_gfp_atomic: bool
-    #: dying task forces at once, no reclaim; OOM_FAILED forces (5.10.0–5.10.5x)
+    #: dying task forces at once, no reclaim; OOM_FAILED forces (5.10.0–5.10.79)
     early_dying_force: bool
     #: __GFP_NOFAIL forces after the retries, skipping OOM (5.10)
     nofail_forces_before_oom: bool

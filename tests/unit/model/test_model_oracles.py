@@ -183,7 +183,7 @@ def test_signal_points_of_a_charge(profile, asked):
     r = k.charge(a, 1, signal=sig, oom=lambda t, o, g: OomOutcome(next(kills)))
     got = list(dict.fromkeys(points(sig)))
     assert got == asked and all(c[0] is a for c in sig.calls)
-    # 5.10.0–5.10.5x retries after an OOM without remembering it: no passed_oom
+    # 5.10.0–5.10.79 retries after an OOM without remembering it: no passed_oom
     assert len(r.of("oom")) == 2
 
 
