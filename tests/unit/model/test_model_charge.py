@@ -65,12 +65,17 @@ def test_big_charge_uses_nr_as_batch_and_never_hits_the_stock():
     assert "restock" not in r.kinds()
 
 
-@pytest.mark.parametrize("profile,counter_nr", [("6.12", 64), ("6.18", 1)])
+@pytest.mark.parametrize("profile,counter_nr", [("6.12", 64), ("6.18", 1), ("7.2", 1), ("7.3", 1)])
 def test_6_18_batch_is_nr_without_reclaim_bits(profile, counter_nr):
+    # !gfpflags_allow_spinning (the nolock allocators): no surplus for the stock
     k = Kernel(profile, cgroup="v2")
     a = k.mkdir("a")
     r = k.charge(a, 1, gfp=GFP.HIGH)  # no reclaim bits at all
     assert r.ret == 0 and r.of("counter_charge")[0].nr == counter_nr
+    # a charge that may spin (the kswapd bit only, GFP_NOWAIT) takes a batch
+    b = k.mkdir("b")
+    r = k.charge(b, 1, gfp=GFP.NOWAIT)
+    assert r.of("counter_charge")[0].nr == 64 and r.of("restock")[0].nr == 63
 
 
 # -- limit failures and what comes next ------------------------------------------
