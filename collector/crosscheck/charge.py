@@ -13,6 +13,7 @@ test point could only be a variant again.
 
 from __future__ import annotations
 
+import errno
 from collections import Counter
 
 from memcgscope.model import GFP, Kernel, Task
@@ -121,10 +122,13 @@ def charge_outcome(cc, gfp, nr, ret, shape):
     counts the aggregates need, relative to the charged memcg.
     → (verdict, reason, detail, events, forced, failures, kills)."""
     verdict, reason, detail, events, forced = replay_charge(cc, gfp, nr, ret, shape)
-    return with_counts(shape, verdict, reason, detail, events, forced)
+    return with_counts(shape, verdict, reason, detail, events, forced,
+                       rejected_max=ret == -errno.ENOMEM and cc.profile.rejected_charge_raises_max)
 
 
-def with_counts(shape, verdict, reason, detail, events, forced):
+def with_counts(shape, verdict, reason, detail, events, forced, rejected_max=False):
+    """``rejected_max``: a rejected charge raises one max event at ``out:``
+    if no pass did (7.3.4+)."""
     fails, kills = Counter(), 0
     for s in shape:
         if s[0] == "F" and s[3] is not None:
@@ -133,10 +137,16 @@ def with_counts(shape, verdict, reason, detail, events, forced):
             kills += 1
     if verdict != "ok":
         # not replayed: the events the observation shows (a max per reclaim
-        # pass on its target, an oom per OOM call) stand in for the model's
+        # pass on its target, an oom per OOM call) stand in for the model's;
+        # 7.3.4+: a rejection with no reclaim raised its one max on the
+        # level whose counter failed last
         ev = Counter()
         for s in shape:
             if s[0] in ("R", "O") and s[1] is not None:
                 ev[(s[1], "max" if s[0] == "R" else "oom")] += 1
+        last_fail = next((s for s in reversed(shape) if s[0] == "F"), None)
+        if (rejected_max and last_fail is not None and last_fail[3] is not None
+                and not any(s[0] == "R" for s in shape)):
+            ev[(last_fail[3], "max")] += 1
         events = tuple(ev.items())
     return verdict, reason, detail, events, forced, tuple(fails.items()), kills

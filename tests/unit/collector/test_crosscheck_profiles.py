@@ -205,3 +205,14 @@ def test_memsw_failcnt_by_range(profile, counts):
         got = [d.reason for d in agg.check_v1(CG, 0, memsw_failcnt_delta=delta)]
         want_ok = ok_when_counted if counts else delta == 0
         assert got == ([] if want_ok else ["memsw_failcnt_mismatch"]), (delta, got)
+
+
+def test_a_divergent_rejection_still_counts_its_7_3_4_max():
+    # an -ENOMEM that no variant replays (a third failure where the model
+    # gives up after two) has not reclaimed: on 7.3.4+ it raised one max
+    ep = v2ep(fails() + [cf(1, v1=False)], ret=ENOMEM, gfp=GFP_NOWAIT)
+    for profile, n in (("7.3", 1), ("7.3.0", 0), ("7.2", 0)):
+        res = v2(profile).check(ep)
+        assert reasons(res) == ["reclaim_not_allowed"] and res.events.get((CG, "max"), 0) == n, profile
+    # another return is not a rejection
+    assert v2("7.3").check(dict(ep, ret=-4)).events == {}
