@@ -69,7 +69,10 @@ class CheckPipeline:
         self.profile = self.checker.profile
         self.cgroup = cgroup
         self.memsw = memsw
-        self.aggregates = AggregateChecker(self.profile, cgroup, memsw)
+        # two-sided `max` check where every forced charge is an episode
+        self.aggregates = AggregateChecker(self.profile, cgroup, memsw,
+                                           forced_charges_visible=visibility.forced_charges,
+                                           drains_visible=visibility.drains)
         self.on_divergence = on_divergence
         self._lock = threading.Lock()
         self._episodes: Counter = Counter()

@@ -78,7 +78,7 @@ def test_prometheus_sees_the_workload_cgroup(workdir, collector):
             if os.path.exists(target_file):
                 os.unlink(target_file)
         (info,) = query(base, 'memcgscope_build_info{job="memcgscope"}')
-        assert info["metric"]["mode"] == "tracepoint" and info["metric"]["profile"] == "6.18"
+        assert info["metric"]["mode"] == "tracepoint" and info["metric"]["profile"] == "6.18.36"   # 6.18.44: round-robin stock eviction (6.18.36+)
         assert query(base, 'memcgscope_probe_attached{job="memcgscope",target="vmscan:mm_vmscan_memcg_reclaim_end"} == 1')
         (up,) = wait_for("the no-auth job's state", prom, log, lambda: query(base, 'up{job="memcgscope-noauth"}'))
         assert up["value"][1] == "0"
