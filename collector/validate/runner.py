@@ -155,6 +155,19 @@ class ScenarioRunner:
             if os.path.exists(use) and _read(use).strip() != "1":
                 _write(use, "1")   # 5.10 v1 defaults to a flat hierarchy below a flat parent
         _write(os.path.join(self.root, self._limit_file()), self.scratch_limit)
+        if not plan.swap:
+            # a scenario without swap must not swap where the machine has a
+            # swap device: v2 memory.swap.max 0 bounds the whole subtree; v1
+            # memory.swappiness 0 stops memcg reclaim from swapping anon, and
+            # children created after it inherit it (mem_cgroup_css_alloc)
+            if self.version == "v2":
+                swap_max = os.path.join(self.root, "memory.swap.max")
+                if os.path.exists(swap_max):
+                    _write(swap_max, "0")
+            else:
+                swappiness = os.path.join(self.root, "memory.swappiness")
+                if os.path.exists(swappiness):
+                    _write(swappiness, "0")
         self.launch = os.path.join(self.root, "launch")
         self._mkdir(self.launch, enable_children=False)
         parents = {p.rsplit("/", 1)[0] for p, _ in plan.cgroups if "/" in p}
