@@ -95,8 +95,12 @@ class MemcgCollector:
         oom_calls = CounterMetricFamily("memcgscope_oom_invocations",
                                         "mem_cgroup_out_of_memory calls, by whether they returned true.",
                                         labels=["cgroup", "result"])
-        oom_kills = CounterMetricFamily("memcgscope_oom_kills", "OOM victims (oom:mark_victim) per memcg.",
+        oom_kills = CounterMetricFamily("memcgscope_oom_kills",
+                                        "OOM kills by the memcg whose OOM ran (the trigger; oom:mark_victim).",
                                         labels=["cgroup"])
+        oom_victims = CounterMetricFamily("memcgscope_oom_victims",
+                                          "OOM kills by the victim's own memcg (where the kernel hands the "
+                                          "victim's task to oom:mark_victim).", labels=["cgroup"])
         counter_failures = CounterMetricFamily("memcgscope_counter_failures",
                                                "page_counter_try_charge failures in a charge, at the failing level.",
                                                labels=["cgroup", "counter"])
@@ -146,6 +150,7 @@ class MemcgCollector:
                     sums[("oom", "true")][label] += a.oom["returned_true"]
                     sums[("oom", "false")][label] += a.oom["invocations"] - a.oom["returned_true"]
                     sums[("kills",)][label] += a.oom["kills"]
+                    sums[("victims",)][label] += a.oom.get("victims", 0)
                 for counter, n in a.counter_failures.items():
                     sums[("cfail", counter)][label] += n
                 for item, (count, total) in a.memcg_events.items():
@@ -179,6 +184,8 @@ class MemcgCollector:
                         oom_calls.add_metric([label, key[1]], value)
                     elif kind == "kills":
                         oom_kills.add_metric([label], value)
+                    elif kind == "victims":
+                        oom_victims.add_metric([label], value)
                     elif kind == "cfail":
                         counter_failures.add_metric([label, key[1]], value)
                     elif kind == "mev":
@@ -191,7 +198,7 @@ class MemcgCollector:
                 else:
                     reclaim_latency.add_metric([key[1], key[2]], log2_histogram(slots), hist_sums[key])
         yield from (charges, pages, failures, slow, latency, page_charges, page_failures, reclaim_calls,
-                    reclaim_asked, reclaimed, reclaim_latency, limit_writes, oom_calls, oom_kills,
+                    reclaim_asked, reclaimed, reclaim_latency, limit_writes, oom_calls, oom_kills, oom_victims,
                     counter_failures, memcg_events, memcg_state)
 
     # --- what the daemon counted --------------------------------------------

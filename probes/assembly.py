@@ -24,6 +24,17 @@ def _counters(e: Event, memsw: bool) -> dict:
     return d
 
 
+def _victim(e: Event) -> dict:
+    """An OOM kill's victim: its pid, and where the tracepoint handed over
+    its task (flags bit 1), its own memcg and comm. The event's cgroup is
+    the trigger: the memcg whose OOM ran."""
+    d = {"victim_pid": e.arg0}
+    if e.flags & 2:
+        d["victim_cgroup_id"] = e.arg1
+        d["victim_comm"] = _text(e.data)
+    return d
+
+
 def _step(e: Event, memsw: bool) -> dict:
     if e.type == EV.RECLAIM:
         return {"kind": "reclaim", "ts_ns": e.ts, "cgroup_id": e.cgid, "nr_pages": e.arg0, "gfp": e.arg1,
@@ -38,7 +49,7 @@ def _step(e: Event, memsw: bool) -> dict:
         return {"kind": "oom", "ts_ns": e.ts, "cgroup_id": e.cgid, "gfp": e.arg0, "order": e.arg1,
                 "result": bool(e.ret), "duration_ns": e.duration_ns, "after": _counters(e, memsw)}
     if e.type == EV.OOM_KILL:
-        return {"kind": "oom_kill", "ts_ns": e.ts, "cgroup_id": e.cgid, "victim_pid": e.arg0}
+        return {"kind": "oom_kill", "ts_ns": e.ts, "cgroup_id": e.cgid, **_victim(e)}
     raise ValueError(f"event type {e.type} is not a step")
 
 
@@ -105,7 +116,7 @@ class EpisodeAssembler:
                 self.orphans += 1
             if t == EV.OOM_KILL:
                 return [Episode("oom_kill", e.ts, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
-                                {"victim_pid": e.arg0}, ret=0, duration_ns=0)]
+                                _victim(e), ret=0, duration_ns=0)]
             if t == EV.RECLAIM:
                 return [Episode("reclaim", e.ts - e.duration_ns, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
                                 {"caller": CALLERS.get(e.caller, "other"), "nr_pages": e.arg0, "gfp": e.arg1,

@@ -120,6 +120,25 @@ class BTF:
             return self._types[t][4]
         return None
 
+    def raw_tracepoint_params(self, name: str) -> list[str] | None:
+        """Kinds ("ptr", "int", ...) of a tracepoint's arguments as a raw
+        tracepoint gets them: typedef btf_trace_<name> is a pointer to its
+        prototype, whose first parameter (void *data) is left out."""
+        type_id = self.find(f"btf_trace_{name}", TYPEDEF)
+        if type_id is None:
+            return None
+        t = self._resolve(type_id)
+        if self._types[t][1] != PTR:
+            return None
+        proto = self._types[t][4]
+        _, kind, vlen, _, _, trailer = self._types[proto]
+        out = []
+        for i in range(1, vlen):
+            _name, ptype = struct.unpack_from("<II", self._data, trailer + 8 * i)
+            k = self._types[self._resolve(ptype)][1]
+            out.append({PTR: "ptr", INT: "int", ENUM: "int"}.get(k, "other"))
+        return out
+
     def enum_value(self, enumerator: str) -> int | None:
         """The value of an enumerator (e.g. memory_cgrp_id) in any enum."""
         for type_id in range(1, len(self._types)):

@@ -103,7 +103,9 @@ struct fast_ctx {
 struct reclaim_key { u64 cgid; u32 caller; u32 pad; };
 struct reclaim_stat { u64 calls; u64 asked; u64 freed; u64 ns; };
 struct limit_key { u64 cgid; u32 kind; s32 ret; };
-struct oom_stat { u64 invocations; u64 returned_true; u64 kills; };
+// keyed by the OOM's memcg (the trigger) for invocations and kills, by the
+// victim's own memcg for victims
+struct oom_stat { u64 invocations; u64 returned_true; u64 kills; u64 victims; };
 struct fail_key { u64 cgid; u32 counter; u32 pad; };
 struct item_key { u64 cgid; u32 item; u32 pad; };
 struct item_val { u64 count; s64 sum; };
@@ -676,10 +678,18 @@ static __always_inline void on_oom_exit(void *ctx, u64 ret) {
     maybe_free_ctx(tid, c);
 }
 
-// ---- oom:mark_victim (every mode): attributed to the memcg whose OOM
-// runs on this task, else to the task's own memcg ----
+// ---- oom:mark_victim (every mode): the kill is the trigger's — the memcg
+// whose OOM runs on this task, else the task's own memcg — and the victim,
+// when the tracepoint hands over its task (TP_PROTO(struct task_struct
+// *task, uid_t uid), include/trace/events/oom.h; read as a raw tracepoint),
+// is named by its own memcg, pid and comm ----
 
-static __always_inline void on_mark_victim(void *ctx, u32 victim_pid) {
+static __always_inline u64 memcg_of_task(u64 task) {
+    u64 cset = read_u64(task + OFF_TASK_CGROUPS);
+    return read_u64(cset + OFF_CSS_SET_SUBSYS + 8 * MEMORY_CGRP_ID);
+}
+
+static __always_inline void on_mark_victim(void *ctx, u32 victim_pid, u64 victim) {
     struct task_ctx *c = get_ctx(current_tid(), 0);
     u64 memcg = (c && c->oom_start) ? c->oom_memcg : task_memcg();
     struct event_t *e = new_event(EV_OOM_KILL);
@@ -687,8 +697,17 @@ static __always_inline void on_mark_victim(void *ctx, u32 victim_pid) {
         return;
     e->episode = c ? episode_of(c) : 0;
     e->cgid = memcg_cgid(memcg);
+    u64 vcgid = 0;
+    if (victim) {
+        u32 pid = 0;
+        bpf_probe_read_kernel(&pid, sizeof(pid), (void *)(victim + OFF_TASK_PID));
+        victim_pid = pid;
+        vcgid = memcg_cgid(memcg_of_task(victim));
+        bpf_probe_read_kernel(&e->data, 16, (void *)(victim + OFF_TASK_COMM));
+    }
     e->arg0 = victim_pid;
-    e->flags = (c && c->oom_start) ? 1 : 0;
+    e->arg1 = vcgid;
+    e->flags = ((c && c->oom_start) ? 1 : 0) | (victim ? 2 : 0);
     u64 cgid = e->cgid;
     emit(ctx, e);
     struct oom_stat zero = {}, *s = oom_stats.lookup_or_try_init(&cgid, &zero);
@@ -696,6 +715,13 @@ static __always_inline void on_mark_victim(void *ctx, u32 victim_pid) {
         __sync_fetch_and_add(&s->kills, 1);
     else
         map_full_add(MAPIDX_OOM_STATS);
+    if (vcgid) {
+        struct oom_stat vzero = {}, *v = oom_stats.lookup_or_try_init(&vcgid, &vzero);
+        if (v)
+            __sync_fetch_and_add(&v->victims, 1);
+        else
+            map_full_add(MAPIDX_OOM_STATS);
+    }
 }
 
 // ---- limit writes: mem_cgroup_resize_max (v1), memory_max_write and

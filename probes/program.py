@@ -98,7 +98,8 @@ ROLE_HANDLERS: dict[str, RoleHandler] = {
 
 # Tracepoint handlers: (category, name) -> body using `args`
 TRACEPOINT_HANDLERS = {
-    ("oom", "mark_victim"): "on_mark_victim(args, args->pid);",
+    # kernels whose mark_victim does not hand over the task (see RAW_VICTIM)
+    ("oom", "mark_victim"): "on_mark_victim(args, args->pid, 0);",
     ("vmscan", "mm_vmscan_memcg_reclaim_begin"): "on_tp_reclaim_begin(args, args->gfp_flags);",
     ("vmscan", "mm_vmscan_memcg_reclaim_end"): "on_tp_reclaim_end(args, args->nr_reclaimed);",
     # These fire on every page fault; the filters (-D flags, from BTF) keep
@@ -122,6 +123,10 @@ RAW_TRACEPOINT_HANDLERS = {
     ("memcg", "mod_memcg_lruvec_state"):
         "item_add(1, memcg_cgid(ctx->args[0]), (int)ctx->args[1] | 0x10000, (s64)(int)ctx->args[2]);",
 }
+# oom:mark_victim as a raw tracepoint where its prototype takes the victim's
+# task (5.10.262, 6.1, 6.12, 7.x: trace_mark_victim(tsk, cred->uid.val) in
+# mm/oom_kill.c mark_oom_victim): then the victim's memcg and comm are read
+RAW_VICTIM = "on_mark_victim(ctx, 0, ctx->args[0]);"
 # LRU and node statistics change several times per page fault: only with
 # memcg_state=True (--memcg-state), at a cost bench_probes.py measures.
 OPT_IN_TRACEPOINTS = {("memcg", "mod_memcg_lruvec_state")}
@@ -169,6 +174,8 @@ def kernel_offsets(btf: BTF, memsw: bool) -> dict[str, int]:
         "OFF_PC_MAX": _offset(btf, "page_counter", "max"),
         "OFF_TASK_CGROUPS": _offset(btf, "task_struct", "cgroups"),
         "OFF_TASK_STACK": _offset(btf, "task_struct", "stack"),
+        "OFF_TASK_PID": _offset(btf, "task_struct", "pid"),
+        "OFF_TASK_COMM": _offset(btf, "task_struct", "comm"),
         "OFF_CSS_SET_SUBSYS": _offset(btf, "css_set", "subsys"),
         "MEMORY_CGRP_ID": memory_cgrp_id,
     }
@@ -186,6 +193,13 @@ def _subst(call: str, nargs: int, args_valid: bool, sp: str = "0") -> str:
     for i in range(5):
         call = call.replace(f"A{i}", f"a{i}" if i < nargs else "0")
     return call.replace("RET", "ret").replace("ARGS_VALID", "1" if args_valid else "0").replace("STACKPTR", sp)
+
+
+def _raw_takes_task(btf, name: str) -> bool:
+    """The raw tracepoint's first argument is a pointer (btf_trace_<name>'s
+    prototype, after its void *), i.e. the tracepoint hands over a task."""
+    params = getattr(btf, "raw_tracepoint_params", lambda n: None)(name)
+    return bool(params) and params[0] == "ptr"
 
 
 def _kprobe_probe(parts, kprobes, finding, handler, symbol: str, clone: bool, *, kind: str = "kprobe",
@@ -342,6 +356,8 @@ def build_program(report: Report, mode: str, btf: BTF, *, max_cgroups: int = 409
         if not report.tracepoints.get(tp.full_name):
             probes.append(ProbeStatus(tp.name, tp.full_name, "tracepoint", False, "tracepoint absent on this kernel"))
             continue
+        if key == ("oom", "mark_victim") and _raw_takes_task(btf, tp.name):
+            raw_body = RAW_VICTIM
         if raw_body is not None:
             parts.append(f"RAW_TRACEPOINT_PROBE({tp.name}) {{\n    {raw_body}\n    return 0;\n}}\n")
         else:

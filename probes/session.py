@@ -47,7 +47,7 @@ class CgroupAggregate:
     reclaim: dict = field(default_factory=dict)        # caller -> calls asked freed ns
     reclaim_latency: dict = field(default_factory=dict)  # caller -> {slot: count}
     limit_writes: dict = field(default_factory=dict)   # (file, ret) -> count
-    oom: dict = field(default_factory=dict)            # invocations returned_true kills
+    oom: dict = field(default_factory=dict)            # invocations returned_true kills (as trigger) victims
     counter_failures: dict = field(default_factory=dict)  # "memory"/"memsw" -> count
     memcg_events: dict = field(default_factory=dict)   # item -> (count, sum)
     memcg_state: dict = field(default_factory=dict)
@@ -493,7 +493,7 @@ class Session:
             agg(k.cgid).limit_writes[(LIMIT_KINDS.get(k.kind, str(k.kind)), int(k.ret))] = int(v.value)
         for k, v in self.bpf["oom_stats"].items():
             agg(k.value).oom = {"invocations": int(v.invocations), "returned_true": int(v.returned_true),
-                                "kills": int(v.kills)}
+                                "kills": int(v.kills), "victims": int(v.victims)}
         for k, v in self.bpf["counter_fails"].items():
             agg(k.cgid).counter_failures["memsw" if k.counter else "memory"] = int(v.value)
         event_names, state_names = self.item_names("events"), self.item_names("state")

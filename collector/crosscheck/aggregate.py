@@ -81,11 +81,16 @@ class AggregateChecker:
         self.failures: Counter = Counter()   # (cgroup_id, counter) -> n
         self.events: Counter = Counter()     # (cgroup_id, name) -> n
         self.kills = 0
+        self.victims: Counter = Counter()    # victim's cgroup_id -> kills
+        self.unknown_victims = 0             # kills whose victim's cgroup was not read
 
     def observe(self, result: CheckResult) -> None:
         self.failures.update(result.failures)
         self.events.update(result.events)
         self.kills += result.kills
+        known = sum(getattr(result, "victims", {}).values())
+        self.victims.update(getattr(result, "victims", {}))
+        self.unknown_victims += max(0, result.kills - known)
 
     def observe_episodes(self, episodes) -> None:
         """Check a window's episodes (dicts) with this checker's own
@@ -141,10 +146,11 @@ class AggregateChecker:
         <= 3 and per memory.max write OOM).  ``max`` is one-sided on 6.1+
         unless every forced charge is an episode (``forced_charges_visible``):
         then the kernel may count neither fewer nor more than implied, within
-        the tolerance.  Kills are seen (oom:mark_victim) but attributed to
-        the cgroup whose OOM ran, while the kernel counts them on the
-        victim's cgroup: a cgroup is only flagged for more kills than were
-        seen in all."""
+        the tolerance.  Kills are counted by the kernel on the victim's own
+        cgroup: where the probe read every victim's cgroup the ``oom_kill``
+        check is per cgroup and two-sided; otherwise a cgroup is only
+        flagged for more kills than its known victims and all the kills of
+        unknown victims together."""
         out = []
         delta = {k: int(v) for k, v in events_local_delta.items()}
         for name in ("max", "oom"):
@@ -163,10 +169,21 @@ class AggregateChecker:
                               what=f"cgroup {cgroup_id} {name}: ")
             if d:
                 out.append(d)
-        if delta.get("oom_kill", 0) > self.kills + self.tol.slack + self.tol.per_lost * lost:
-            out.append(Divergence("events_oom_kill", "events_oom_kill_mismatch",
-                                  f"cgroup {cgroup_id} oom_kill: kernel {delta['oom_kill']}, "
-                                  f"{self.kills} kills seen in all"))
+        if "oom_kill" in delta:
+            if self.unknown_victims == 0:
+                # every victim's cgroup was read: the kernel counts each kill
+                # on its victim's cgroup, so the check is per cgroup, two-sided
+                d = compare_count("events_oom_kill", "events_oom_kill_mismatch", delta["oom_kill"],
+                                  self.victims.get(cgroup_id, 0), tol=self.tol, lost=lost,
+                                  what=f"cgroup {cgroup_id} oom_kill (victims): ")
+                if d:
+                    out.append(d)
+            elif delta["oom_kill"] > (self.victims.get(cgroup_id, 0) + self.unknown_victims + self.tol.slack
+                                      + self.tol.per_lost * lost):
+                out.append(Divergence("events_oom_kill", "events_oom_kill_mismatch",
+                                      f"cgroup {cgroup_id} oom_kill: kernel {delta['oom_kill']}, "
+                                      f"{self.victims.get(cgroup_id, 0)} kills of its tasks and "
+                                      f"{self.unknown_victims} of unknown cgroups seen"))
         return out
 
     # -- the daemon's entry point -------------------------------------------------------

@@ -33,6 +33,17 @@ def _error(e: Exception) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+def count_victims(steps, res) -> None:
+    """Kills whose victim's cgroup the probe read (oom:mark_victim with the
+    victim's task): counted on that cgroup, where the kernel counts them
+    (__oom_kill_process: memcg_memory_event_mm(victim's mm, MEMCG_OOM_KILL))."""
+    for s in steps:
+        if isinstance(s, dict) and s.get("kind") == "oom_kill":
+            v = s.get("victim_cgroup_id")
+            if type(v) is int and v:
+                res.victims[v] = res.victims.get(v, 0) + 1
+
+
 class CrossChecker:
     """Checks episodes of one kernel against the model.
 
@@ -162,6 +173,7 @@ class CrossChecker:
             k = (ids[rel], counter)
             res.failures[k] = res.failures.get(k, 0) + n
         res.kills += kills
+        count_victims(ep.get("steps") or (), res)
         ts = ep.get("ts_ns", 0)
         tids = self._charges_by_tid
         if len(tids) > _TIDS_MAX:
@@ -190,6 +202,7 @@ class CrossChecker:
             raise BadInput()
         shape, ids = shape_of(ep.get("steps") or (), cid, self.memsw)
         res.kills += sum(1 for s in shape if s[0] == "K")
+        count_victims(ep.get("steps") or (), res)
         if not self._check_ancestry(ep, ids, res, "limit_write"):
             return
         if (fname in V1_FILES) != (self.cgroup == "v1") or fname not in V1_FILES + V2_FILES:

@@ -67,6 +67,8 @@ class CheckResult:
     failures: dict = field(default_factory=dict)
     #: OOM kills seen (all attributed to the cgroup whose OOM ran)
     kills: int = 0
+    #: of those, the kills whose victim's own cgroup is known: {cgroup_id: n}
+    victims: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

@@ -66,6 +66,9 @@ def check_oom_kill(cc, ep, res):
         cc.flag(res, "oom_kill", "malformed", "victim_pid: an oom_kill without a victim_pid", ep)
         return
     res.kills += 1
+    v = ep.get("victim_cgroup_id")
+    if type(v) is int and v:
+        res.victims[v] = res.victims.get(v, 0) + 1
     res.checks.append(("oom_kill", "ok"))
 
 

@@ -241,8 +241,15 @@ def build() -> dict:
                      "whether they returned true (a victim was found or is exiting).",
                      [(increase("memcgscope_oom_invocations_total", by="cgroup, result"),
                        "{{cgroup}} {{result}}")], "short", bars=True), 8, 8)
-    b.add(timeseries("OOM kills", "OOM victims (oom:mark_victim) per rate interval, by memcg.",
+    b.add(timeseries("OOM kills by trigger", "OOM kills per rate interval, by the memcg whose OOM ran "
+                     "(its limit was hit): oom:mark_victim.",
                      [(increase("memcgscope_oom_kills_total"), "{{cgroup}}")], "short", bars=True), 8, 8)
+    b.add(table("OOM victims by workload", "Kills by the victim's own cgroup (it may be a sibling of the one "
+                "whose limit was hit), named by its workload, over the dashboard's time range.",
+                [(f"sum by (instance, cgroup, unit, namespace, pod, container) ("
+                  f"increase(memcgscope_oom_victims_total{{{CG}}}[$__range]) * on (job, instance, cgroup) "
+                  f"group_left(unit, namespace, pod, container) memcgscope_cgroup_info{{{CG}}}) > 0", "")],
+                rename={"Value": "victims"}), 24, 7)
 
     b.row("Model cross-check")
     b.add(timeseries("Model checks /s by verdict", "Episodes and aggregates checked against the model, by "
