@@ -100,6 +100,13 @@ class _Worker:
         self.state = "killed" if self.proc.returncode == -signal.SIGKILL else f"died ({self.proc.returncode})"
         return None
 
+    def refresh(self) -> str:
+        """The state, noticing a death no reply revealed (a worker killed by
+        a limit write's OOM while it was not asked anything)."""
+        if self.state == "alive" and self.proc.poll() is not None:
+            self.state = "killed" if self.proc.returncode == -signal.SIGKILL else f"died ({self.proc.returncode})"
+        return self.state
+
     def exit(self) -> None:
         if self.state == "alive" and self.ask("exit") is not None:
             self.proc.wait(timeout=30)
@@ -227,7 +234,7 @@ class ScenarioRunner:
                 d = os.path.join(self.root, path)
                 self.run.files[path] = {f: _read(os.path.join(d, f)) for f in END_FILES[self.version]
                                         if os.path.exists(os.path.join(d, f))}
-            self.run.tasks = {n: w.state for n, w in self._workers.items()}
+            self.run.tasks = {n: w.refresh() for n, w in self._workers.items()}
         finally:
             stop.set()
             if pump is not None:
