@@ -101,6 +101,15 @@ class MemcgCollector:
         oom_victims = CounterMetricFamily("memcgscope_oom_victims",
                                           "OOM kills by the victim's own memcg (where the kernel hands the "
                                           "victim's task to oom:mark_victim).", labels=["cgroup"])
+        high_calls = CounterMetricFamily("memcgscope_high_handler_calls",
+                                         "Calls of the memory.high handler (mem_cgroup_handle_over_high) for a "
+                                         "task that owed pages, by its memcg.", labels=["cgroup"])
+        high_sleep = CounterMetricFamily("memcgscope_high_throttled_seconds",
+                                         "Time tasks slept as memory.high's penalty (the handler's time minus "
+                                         "its reclaim), by memcg.", labels=["cgroup"])
+        high_latency = HistogramMetricFamily("memcgscope_high_throttle_seconds",
+                                             "memory.high penalty sleeps, one per throttled return to user space.",
+                                             labels=["cgroup"])
         counter_failures = CounterMetricFamily("memcgscope_counter_failures",
                                                "page_counter_try_charge failures in a charge, at the failing level.",
                                                labels=["cgroup", "counter"])
@@ -153,6 +162,12 @@ class MemcgCollector:
                     sums[("victims",)][label] += a.oom.get("victims", 0)
                 for counter, n in a.counter_failures.items():
                     sums[("cfail", counter)][label] += n
+                if a.high:
+                    sums[("high_calls",)][label] += a.high["calls"]
+                    sums[("high_sleep",)][label] += a.high["sleep_ns"] / 1e9
+                    hist_sums[("high", label)] += a.high["sleep_ns"] / 1e9
+                for slot, n in a.high_latency.items():
+                    hists[("high", label)][slot] += n
                 for item, (count, total) in a.memcg_events.items():
                     sums[("mev", item)][label] += total
                 for item, (count, total) in a.memcg_state.items():
@@ -188,6 +203,10 @@ class MemcgCollector:
                         oom_victims.add_metric([label], value)
                     elif kind == "cfail":
                         counter_failures.add_metric([label, key[1]], value)
+                    elif kind == "high_calls":
+                        high_calls.add_metric([label], value)
+                    elif kind == "high_sleep":
+                        high_sleep.add_metric([label], value)
                     elif kind == "mev":
                         memcg_events.add_metric([label, key[1]], value)
                     elif kind == "mst":
@@ -195,10 +214,13 @@ class MemcgCollector:
             for key, slots in hists.items():
                 if key[0] == "charge":
                     latency.add_metric([key[1]], log2_histogram(slots), hist_sums[key])
+                elif key[0] == "high":
+                    high_latency.add_metric([key[1]], log2_histogram(slots), hist_sums[key])
                 else:
                     reclaim_latency.add_metric([key[1], key[2]], log2_histogram(slots), hist_sums[key])
         yield from (charges, pages, failures, slow, latency, page_charges, page_failures, reclaim_calls,
                     reclaim_asked, reclaimed, reclaim_latency, limit_writes, oom_calls, oom_kills, oom_victims,
+                    high_calls, high_sleep, high_latency,
                     counter_failures, memcg_events, memcg_state)
 
     # --- what the daemon counted --------------------------------------------

@@ -29,7 +29,7 @@ __all__ = ["CheckPipeline", "PipelineCounts", "check_of_kind"]
 log = logging.getLogger(__name__)
 
 _CHECK_OF_KIND = {"charge": "charge", "limit_write": "limit_write", "page_charge_fail": "page_charge",
-                  "oom_kill": "oom_kill", "reclaim": "reclaim"}
+                  "oom_kill": "oom_kill", "reclaim": "reclaim", "over_high": "over_high"}
 
 
 def check_of_kind(kind) -> str:

@@ -18,7 +18,7 @@ from .stock import consume_stock, drain_all_stock, refill_stock
 from .vmscan import SWAP_CLUSTER_MAX, try_to_free_mem_cgroup_pages
 
 __all__ = ["MAX_RECLAIM_RETRIES", "try_charge_memcg", "mem_cgroup_handle_over_high",
-           "reclaim_high", "calculate_high_delay"]
+           "reclaim_high", "calculate_high_delay", "high_penalty_jiffies"]
 
 MAX_RECLAIM_RETRIES = 16
 #: The kernel can loop for as long as reclaim reports progress or the OOM
@@ -275,6 +275,16 @@ def calculate_high_delay(nr_pages: int, max_overage: int, hz: int, batch: int) -
     penalty >>= MEMCG_DELAY_PRECISION_SHIFT
     penalty >>= MEMCG_DELAY_SCALING_SHIFT
     return penalty * nr_pages // batch
+
+
+def high_penalty_jiffies(profile, nr_pages: int, usage: int, high: int, hz: int = 250) -> int:
+    """The penalty mem_cgroup_handle_over_high computes for a task owing
+    ``nr_pages`` when one level is ``usage`` pages over ``high`` (the
+    kernel takes the worst level of the memcg and its ancestors, so this is
+    a lower bound of its penalty), capped at 2 s; Debian builds have HZ 250."""
+    from .profiles import get_profile
+    p = get_profile(profile)
+    return min(calculate_high_delay(nr_pages, _calculate_overage(usage, high), hz, p.charge_batch), 2 * hz)
 
 
 def mem_cgroup_handle_over_high(ctx, memcg, gfp: int) -> None:

@@ -24,6 +24,10 @@ def _counters(e: Event, memsw: bool) -> dict:
     return d
 
 
+def _high_counters(e: Event) -> dict:
+    return {"usage": e.usage, "max": e.max, "high": e.memsw_max}
+
+
 def _victim(e: Event) -> dict:
     """An OOM kill's victim: its pid, and where the tracepoint handed over
     its task (flags bit 1), its own memcg and comm. The event's cgroup is
@@ -65,6 +69,7 @@ class EpisodeAssembler:
         # tid -> {"charge": Episode|None, "limit": Episode|None}
         self._open: dict[int, dict[str, Episode]] = {}
         self.orphans = 0  # events whose episode start was never seen
+        self.unknown = 0  # events of a type this assembler does not know
 
     def feed(self, e: Event) -> list[Episode]:
         t = e.type
@@ -130,7 +135,27 @@ class EpisodeAssembler:
             return [Episode("reclaim", e.ts - e.duration_ns, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
                             {"caller": "unknown", "gfp": e.arg1, "attribution": "task"},
                             ret=e.ret, exit=_counters(e, self.memsw), duration_ns=e.duration_ns)]
-        raise ValueError(f"unknown event type {t}")
+        if t == EV.HIGH_ENTER:
+            # memory.high throttling on return to user space; counters carry
+            # memory.high (the v2 memsw slot, see high_counters in the C)
+            ep = Episode("over_high", e.ts, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid, {"nr_pages": e.arg0},
+                         entry=_high_counters(e))
+            self._slots(e.tid)["high"] = ep
+            return []
+        if t == EV.HIGH_EXIT:
+            ep = slots.pop("high", None) if slots else None
+            if ep is None:
+                self.orphans += 1
+                ep = Episode("over_high", e.ts - e.duration_ns, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
+                             {"nr_pages": e.arg0}, complete=False)
+            ep.ret, ep.exit, ep.duration_ns = 0, _high_counters(e), e.duration_ns
+            ep.args["sleep_ns"] = e.arg1
+            ep.args["penalty_jiffies"] = e.arg2
+            self._gc(e.tid)
+            return [ep]
+        # an event this memcgscope does not know (a newer BPF side): counted, not fatal
+        self.unknown += 1
+        return []
 
     def _slots(self, tid: int) -> dict:
         slots = self._open.get(tid)

@@ -48,10 +48,12 @@ class EV:
     LIMIT_EXIT = 9
     PAGE_CHARGE_FAIL = 10
     TP_RECLAIM = 11
+    HIGH_ENTER = 12
+    HIGH_EXIT = 13
 
 
 #: reclaim callers (``CALLER_<NAME>`` in the C): code -> the label value
-CALLERS = {0: "other", 1: "charge", 2: "v1_limit", 3: "v2_max", 4: "v2_high", 5: "unknown"}
+CALLERS = {0: "other", 1: "charge", 2: "v1_limit", 3: "v2_max", 4: "v2_high", 5: "unknown", 6: "high"}
 #: limit writes (``LIMIT_<NAME>`` in the C): code -> (C name, control file)
 _LIMITS = {1: ("RESIZE_MAX", "memory.limit_in_bytes"), 2: ("MEMORY_MAX", "memory.max"),
            3: ("MEMORY_HIGH", "memory.high")}
@@ -147,7 +149,7 @@ def text(raw: bytes | str) -> str:
 
 @dataclass(slots=True)
 class Episode:
-    kind: str  # charge | limit_write | page_charge_fail | oom_kill | reclaim
+    kind: str  # charge | limit_write | page_charge_fail | oom_kill | reclaim | over_high
     ts_ns: int
     pid: int
     tid: int

@@ -46,6 +46,13 @@ struct task_ctx {
     u64 reclaim_nr;
     u32 reclaim_gfp;
     u32 reclaim_opts;
+    // mem_cgroup_handle_over_high in progress (memory.high throttling)
+    u64 high_start;
+    u64 high_memcg;
+    u64 high_reclaim_ns;
+    u64 high_penalty;  // the jiffies schedule_timeout_killable was asked to sleep
+    u32 high_nr;
+    u32 high_pad;
     // mem_cgroup_out_of_memory in progress
     u64 oom_start;
     u64 oom_memcg;
@@ -106,6 +113,7 @@ struct limit_key { u64 cgid; u32 kind; s32 ret; };
 // keyed by the OOM's memcg (the trigger) for invocations and kills, by the
 // victim's own memcg for victims
 struct oom_stat { u64 invocations; u64 returned_true; u64 kills; u64 victims; };
+struct high_stat { u64 calls; u64 sleep_ns; u64 reclaim_ns; };
 struct fail_key { u64 cgid; u32 counter; u32 pad; };
 struct item_key { u64 cgid; u32 item; u32 pad; };
 struct item_val { u64 count; s64 sum; };
@@ -121,6 +129,8 @@ BPF_HASH(reclaim_stats, struct reclaim_key, struct reclaim_stat, MAX_CGROUPS);
 BPF_HASH(reclaim_lat, struct hist_key, u64, MAX_CGROUPS * 8);
 BPF_HASH(limit_stats, struct limit_key, u64, MAX_CGROUPS);
 BPF_HASH(oom_stats, u64, struct oom_stat, MAX_CGROUPS);
+BPF_HASH(high_stats, u64, struct high_stat, MAX_CGROUPS);
+BPF_HASH(high_lat, struct hist_key, u64, MAX_CGROUPS * 8);
 BPF_HASH(counter_fails, struct fail_key, u64, MAX_CGROUPS);
 BPF_HASH(memcg_events, struct item_key, struct item_val, MAX_CGROUPS * 16);
 BPF_HASH(memcg_state, struct item_key, struct item_val, MAX_CGROUPS * 16);
@@ -286,7 +296,8 @@ static __always_inline struct task_ctx *get_ctx(u32 tid, int create) {
 }
 
 static __always_inline void maybe_free_ctx(u32 tid, struct task_ctx *c) {
-    if (!c->charge_depth && !c->limit_start && !c->reclaim_start && !c->oom_start && !c->page_active)
+    if (!c->charge_depth && !c->limit_start && !c->reclaim_start && !c->oom_start && !c->page_active
+        && !c->high_start)
         tasks.delete(&tid);
 }
 
@@ -297,10 +308,14 @@ static __always_inline u32 current_tid(void) { return (u32)bpf_get_current_pid_t
 static __always_inline u64 episode_of(struct task_ctx *c) {
     if (c->charge_depth)
         return c->charge_start;
+    if (c->high_start)
+        return c->high_start;
     return c->limit_start;
 }
 
 static __always_inline u32 caller_of(struct task_ctx *c) {
+    if (c->high_start)
+        return CALLER_HIGH;   // memory.high reclaim, on return to user or inside a charge (6.1+)
     if (c->charge_depth)
         return CALLER_CHARGE;
     if (c->limit_start) {
@@ -617,8 +632,100 @@ static __always_inline void on_reclaim_exit(void *ctx, u64 freed) {
         emit(ctx, e);
     }
     reclaim_account(cgid, caller, c->reclaim_nr, freed, ns);
+    if (c->high_start)
+        c->high_reclaim_ns += ns;
     c->reclaim_start = 0;
     maybe_free_ctx(tid, c);
+}
+
+// ---- mem_cgroup_handle_over_high (__mem_cgroup_handle_over_high from
+// 6.18): the reclaim a task over memory.high owes, then the penalty sleep
+// (schedule_timeout_killable). Its memcg is the task's own (5.10/6.12:
+// get_mem_cgroup_from_mm(current->mm)); the debt is
+// current->memcg_nr_pages_over_high. The sleep is the call's time minus
+// its reclaims'. ----
+
+static __always_inline void high_counters(u64 memcg, struct event_t *e) {
+    memcg_counters(memcg, e);
+    // v2 has no memsw: its slot carries memory.high (page_counter.high)
+    e->memsw_max = read_u64(memcg + OFF_MEMCG_MEMORY + OFF_PC_HIGH);
+}
+
+static __always_inline void on_high_enter(void *ctx) {
+    u64 task = bpf_get_current_task();
+    u32 nr = 0;
+    bpf_probe_read_kernel(&nr, sizeof(nr), (void *)(task + OFF_TASK_OVER_HIGH));
+    if (!nr)
+        return;   // called on every notify-resume (5.10, 6.1-6.12): nothing owed, nothing done
+    struct task_ctx *c = promote(current_tid(), 1);
+    if (!c)
+        return;
+    charge_mark_slow(ctx, c);
+    c->high_start = bpf_ktime_get_ns();
+    c->high_memcg = task_memcg();
+    c->high_reclaim_ns = 0;
+    c->high_penalty = 0;
+    c->high_nr = nr;
+    if (c->charge_depth)
+        return;   // the synchronous call inside a charge (6.1+): steps of that charge
+    struct event_t *e = new_event(EV_HIGH_ENTER);
+    if (!e)
+        return;
+    e->ts = c->high_start;
+    e->episode = c->high_start;
+    e->cgid = memcg_cgid(c->high_memcg);
+    e->arg0 = nr;
+    high_counters(c->high_memcg, e);
+    emit(ctx, e);
+}
+
+static __always_inline void on_high_exit(void *ctx) {
+    u32 tid = current_tid();
+    struct task_ctx *c = get_ctx(tid, 0);
+    if (!c || !c->high_start)
+        return;
+    u64 ns = bpf_ktime_get_ns() - c->high_start;
+    u64 sleep = ns > c->high_reclaim_ns ? ns - c->high_reclaim_ns : 0;
+    u64 cgid = memcg_cgid(c->high_memcg);
+    struct high_stat zero = {}, *s = high_stats.lookup_or_try_init(&cgid, &zero);
+    if (s) {
+        __sync_fetch_and_add(&s->calls, 1);
+        __sync_fetch_and_add(&s->sleep_ns, sleep);
+        __sync_fetch_and_add(&s->reclaim_ns, c->high_reclaim_ns);
+    } else {
+        map_full_add(MAPIDX_HIGH_STATS);
+    }
+    if (sleep) {
+        struct hist_key k = {.cgid = cgid, .caller = CALLER_HIGH, .slot = log2l(sleep)};
+        u64 z = 0, *v = high_lat.lookup_or_try_init(&k, &z);
+        if (v) __sync_fetch_and_add(v, 1);
+        else map_full_add(MAPIDX_HIGH_LAT);
+    }
+    if (!c->charge_depth) {
+        struct event_t *e = new_event(EV_HIGH_EXIT);
+        if (e) {
+            e->episode = c->high_start;
+            e->cgid = cgid;
+            e->arg0 = c->high_nr;
+            e->arg1 = sleep;
+            e->arg2 = c->high_penalty;
+            e->duration_ns = ns;
+            high_counters(c->high_memcg, e);
+            emit(ctx, e);
+        }
+    }
+    c->high_start = 0;
+    c->high_memcg = 0;
+    maybe_free_ctx(tid, c);
+}
+
+// schedule_timeout_killable(timeout) inside the handler: the penalty the
+// kernel computed (calculate_high_delay over the worst level), in jiffies
+static __always_inline void on_high_sleep(void *ctx, u64 timeout) {
+    u32 tid = current_tid();
+    struct task_ctx *c = tasks.lookup(&tid);
+    if (c && c->high_start)
+        c->high_penalty = timeout;
 }
 
 // ---- drain_all_stock ----

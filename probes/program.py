@@ -31,7 +31,8 @@ HIST_SLOTS = 40
 #: maps whose full-drops the BPF side counts (map_full[MAPIDX_<NAME>]); the
 #: metric memcgscope_map_full_drops_total{map} names them
 COUNTED_MAPS = ("tasks", "charge_stats", "charge_lat", "page_charge_stats", "reclaim_stats",
-                "reclaim_lat", "limit_stats", "oom_stats", "counter_fails", "memcg_events", "memcg_state")
+                "reclaim_lat", "limit_stats", "oom_stats", "counter_fails", "memcg_events", "memcg_state",
+                "high_stats", "high_lat")
 
 
 def fentry_arg_reads(btf) -> str:
@@ -92,6 +93,8 @@ ROLE_HANDLERS: dict[str, RoleHandler] = {
         "on_limit_exit(ctx, (s64)RET)"),
     "memcg_oom": RoleHandler("on_oom_enter(ctx, A0, (u32)A1, (u32)A2)", "on_oom_exit(ctx, RET)"),
     "drain_all_stock": RoleHandler("on_drain(ctx, A0, ARGS_VALID)", None, needs_args=False),
+    "handle_over_high": RoleHandler("on_high_enter(ctx)", "on_high_exit(ctx)"),
+    "high_sleep": RoleHandler("on_high_sleep(ctx, A0)", None),
     "page_counter_try_charge": RoleHandler("on_pc_try_charge_enter(ctx, A0, A1, A2)",
                                            "on_pc_try_charge_exit(ctx, RET)"),
 }
@@ -172,6 +175,9 @@ def kernel_offsets(btf: BTF, memsw: bool) -> dict[str, int]:
         "OFF_MEMCG_MEMSW": _offset(btf, "mem_cgroup", "memsw", "swap"),
         "OFF_PC_USAGE": _offset(btf, "page_counter", "usage"),
         "OFF_PC_MAX": _offset(btf, "page_counter", "max"),
+        "OFF_PC_HIGH": _offset(btf, "page_counter", "high"),
+        # unsigned int memcg_nr_pages_over_high (include/linux/sched.h, CONFIG_MEMCG)
+        "OFF_TASK_OVER_HIGH": _offset(btf, "task_struct", "memcg_nr_pages_over_high"),
         "OFF_TASK_CGROUPS": _offset(btf, "task_struct", "cgroups"),
         "OFF_TASK_STACK": _offset(btf, "task_struct", "stack"),
         "OFF_TASK_PID": _offset(btf, "task_struct", "pid"),

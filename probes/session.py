@@ -48,6 +48,8 @@ class CgroupAggregate:
     reclaim_latency: dict = field(default_factory=dict)  # caller -> {slot: count}
     limit_writes: dict = field(default_factory=dict)   # (file, ret) -> count
     oom: dict = field(default_factory=dict)            # invocations returned_true kills (as trigger) victims
+    high: dict = field(default_factory=dict)           # memory.high handler: calls sleep_ns reclaim_ns
+    high_latency: dict = field(default_factory=dict)   # log2(sleep ns) slot -> count
     counter_failures: dict = field(default_factory=dict)  # "memory"/"memsw" -> count
     memcg_events: dict = field(default_factory=dict)   # item -> (count, sum)
     memcg_state: dict = field(default_factory=dict)
@@ -418,11 +420,12 @@ class Session:
         t = bpf["charge_lat"]
         for k in [k for k in t.keys() if int(k.memcg) in addresses]:
             delete(t, k)
-        t = bpf["oom_stats"]
-        for k in [k for k in t.keys() if int(k.value) in cgids]:
-            delete(t, k)
+        for name in ("oom_stats", "high_stats"):
+            t = bpf[name]
+            for k in [k for k in t.keys() if int(k.value) in cgids]:
+                delete(t, k)
         for name in ("reclaim_stats", "reclaim_lat", "limit_stats", "counter_fails",
-                     "memcg_events", "memcg_state"):
+                     "memcg_events", "memcg_state", "high_lat"):
             t = bpf[name]
             for k in [k for k in t.keys() if int(k.cgid) in cgids]:
                 delete(t, k)
@@ -494,6 +497,10 @@ class Session:
         for k, v in self.bpf["oom_stats"].items():
             agg(k.value).oom = {"invocations": int(v.invocations), "returned_true": int(v.returned_true),
                                 "kills": int(v.kills), "victims": int(v.victims)}
+        for k, v in self.bpf["high_stats"].items():
+            agg(k.value).high = {"calls": int(v.calls), "sleep_ns": int(v.sleep_ns), "reclaim_ns": int(v.reclaim_ns)}
+        for k, v in self.bpf["high_lat"].items():
+            agg(k.cgid).high_latency[int(k.slot)] = int(v.value)
         for k, v in self.bpf["counter_fails"].items():
             agg(k.cgid).counter_failures["memsw" if k.counter else "memory"] = int(v.value)
         event_names, state_names = self.item_names("events"), self.item_names("state")

@@ -35,6 +35,12 @@ FUNCTIONS: tuple[FunctionTarget, ...] = (
     FunctionTarget("memory_high_write", ("memory_high_write",), "v2 memory.high writes"),
     FunctionTarget("memcg_oom", ("mem_cgroup_out_of_memory",), "memcg OOM decisions"),
     FunctionTarget("drain_all_stock", ("drain_all_stock",), "per-cpu stock drains"),
+    # 6.18 renamed it __mem_cgroup_handle_over_high (an inline wrapper calls it
+    # only when pages are owed); 5.10 takes no argument, 6.1-6.12 a gfp
+    FunctionTarget("handle_over_high", ("__mem_cgroup_handle_over_high", "mem_cgroup_handle_over_high"),
+                   "memory.high throttling: the reclaim and penalty sleep of a task over memory.high"),
+    FunctionTarget("high_sleep", ("schedule_timeout_killable",),
+                   "the penalty (jiffies) the memory.high handler sleeps; ignored elsewhere"),
     FunctionTarget("page_counter_try_charge", ("page_counter_try_charge",),
                    "counter failures (which level failed)"),
 )

@@ -19,7 +19,7 @@ from .charge import charge_outcome, with_counts
 from .episode import ancestry_fn, as_ints, problem_of, shape_of
 from .limits import BIG, V1_FILES, V2_FILES, replay_v1_limit, replay_v2_limit
 from .reasons import CHECK_OF_KIND, BadInput, CheckResult, Divergence
-from .standalone import check_oom_kill, check_over_max, check_page_charge, check_reclaim
+from .standalone import check_oom_kill, check_over_high, check_over_max, check_page_charge, check_reclaim
 
 __all__ = ["CrossChecker", "SHAPE_CACHE_SIZE"]
 
@@ -258,4 +258,5 @@ _HANDLERS = {
     "page_charge_fail": CrossChecker._check_page_charge,
     "oom_kill": check_oom_kill,
     "reclaim": check_reclaim,
+    "over_high": check_over_high,
 }

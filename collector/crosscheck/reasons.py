@@ -32,6 +32,7 @@ REASONS = {
     "bad_ancestry": "a step on a cgroup that is neither the charged memcg nor an ancestor",
     "oom_kill_outside_oom": "an OOM kill step not inside an OOM call",
     "page_charge_mismatch": "__mem_cgroup_charge failed in a way its charge cannot",
+    "high_penalty": "the memory.high penalty sleep outside what the model's formula allows (own overage .. 2 s)",
     "malformed": "the episode lacks fields, has ill-typed ones or unknown steps (the field is named)",
     "replay_error": "the model or the checker raised while replaying (a bug of ours)",
     # aggregates
@@ -41,12 +42,13 @@ REASONS = {
     "events_oom_mismatch": "v2 memory.events.local oom delta vs OOM calls",
     "events_oom_kill_mismatch": "v2 memory.events.local oom_kill delta vs kills seen",
 }
-CHECKS = ("charge", "limit_write", "page_charge", "oom_kill", "reclaim",
+CHECKS = ("charge", "limit_write", "page_charge", "oom_kill", "reclaim", "over_high",
           "failcnt", "memsw_failcnt", "events_max", "events_oom", "events_oom_kill")
 
 #: the check an episode kind is counted under ("episode" for an unknown kind)
 CHECK_OF_KIND = {"charge": "charge", "limit_write": "limit_write",
-                 "page_charge_fail": "page_charge", "oom_kill": "oom_kill", "reclaim": "reclaim"}
+                 "page_charge_fail": "page_charge", "oom_kill": "oom_kill", "reclaim": "reclaim",
+                 "over_high": "over_high"}
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,10 @@ from memcgscope.model import GFP, Kernel
 from .episode import counters_problem
 from .reasons import BadInput, Divergence
 
-__all__ = ["check_page_charge", "check_oom_kill", "check_reclaim", "check_over_max"]
+__all__ = ["check_page_charge", "check_oom_kill", "check_reclaim", "check_over_max", "check_over_high"]
+
+HZ = 250              # CONFIG_HZ of Debian's builds (5.10 through 7.3)
+SWAP_CLUSTER_MAX = 32
 
 _DIRECT = GFP.DIRECT_RECLAIM
 
@@ -103,3 +106,44 @@ def check_over_max(cc, ep, res, ts):
         res.divergences.append(Divergence(
             "charge", "over_max",
             f"usage {ex['usage']} > max {ex['max']} after a charge that was not forced", ep))
+
+
+def check_over_high(cc, ep, res):
+    """mem_cgroup_handle_over_high (__mem_cgroup_handle_over_high on 6.18+)
+    on the way back to user space: reclaim_high on the task's memcg and each
+    ancestor over memory.high, the debt (``nr_pages``) on the first pass and
+    SWAP_CLUSTER_MAX after; then, if the penalty is above HZ/100, a sleep of
+    it (schedule_timeout_killable). The penalty the kernel computed
+    (``penalty_jiffies``, read at that call) must lie between what the
+    model's formula gives for this memcg's own overage (the kernel takes
+    the worst level, so at least that) and the 2 s cap."""
+    from memcgscope.model.charge import high_penalty_jiffies
+    nr, steps = ep.get("nr_pages"), ep.get("steps")
+    if type(nr) is not int or nr < 1 or not isinstance(steps, list):
+        cc.flag(res, "over_high", "malformed", "nr_pages/steps: an over_high episode needs both", ep)
+        return
+    reclaims = [s for s in steps if isinstance(s, dict) and s.get("kind") == "reclaim"]
+    if any(s.get("kind") not in ("reclaim", "drain") for s in steps if isinstance(s, dict)):
+        cc.flag(res, "over_high", "unexpected_oom" if any(s.get("kind") == "oom" for s in steps) else "malformed",
+                "steps: memory.high handling reclaims only", ep)
+        return
+    for i, s in enumerate(reclaims):
+        if s.get("nr_pages") not in (nr, SWAP_CLUSTER_MAX):
+            cc.flag(res, "over_high", "reclaim_args",
+                    f"reclaim {i} asked {s.get('nr_pages')} pages; memory.high reclaim asks the debt ({nr}) "
+                    f"or {SWAP_CLUSTER_MAX} on a retry", ep)
+            return
+    penalty = ep.get("penalty_jiffies")
+    ex = ep.get("exit") or {}
+    usage = reclaims[-1].get("after", {}).get("usage") if reclaims and reclaims[-1].get("cgroup_id") == \
+        ep.get("cgroup_id") else ex.get("usage")
+    high = ex.get("high")
+    if type(penalty) is int and penalty and type(usage) is int and type(high) is int:
+        low = high_penalty_jiffies(cc.profile, nr, usage, high, HZ)
+        # the kernel sleeps only above HZ/100 (the "penalty_jiffies <= HZ / 100" exit)
+        if penalty > 2 * HZ or penalty <= HZ // 100 or penalty + 1 < low:
+            cc.flag(res, "over_high", "high_penalty",
+                    f"slept {penalty} jiffies; the model's penalty for {usage - high} pages over high "
+                    f"{high} with a debt of {nr} is at least {max(low, HZ // 100 + 1)} and at most {2 * HZ}", ep)
+            return
+    res.checks.append(("over_high", "ok"))

@@ -59,7 +59,14 @@ def run_vm(args, scenario_paths: list[str], progress) -> dict:
         # zram for swap scenarios, when the kernel has the module
         swap_setup = (f"if modprobe zram 2>/dev/null; then echo {GUEST_SWAP} > /sys/block/zram0/disksize && "
                       f"mkswap /dev/zram0 >/dev/null && swapon /dev/zram0; fi; ")
-        script = swap_setup + " ".join(shlex.quote(c) for c in cmd) + f" > {shlex.quote(report)}; echo rc=$?"
+        # the command goes in a file: vng hands the guest its command on the
+        # kernel command line, which a long scenario list overflows (the
+        # guest then hangs at boot)
+        runner = os.path.join(share, "run.sh")
+        with open(runner, "w") as f:
+            f.write(swap_setup + " ".join(shlex.quote(c) for c in cmd)
+                    + f" > {shlex.quote(report)}\necho rc=$?\n")
+        script = f"sh {shlex.quote(runner)}"
         progress(f"booting {gk.release} ({cgroup}); the guest compiles the BPF program (tens of seconds "
                  f"under TCG), then runs each scenario")
         try:
@@ -78,7 +85,10 @@ def run_vm(args, scenario_paths: list[str], progress) -> dict:
         doc["guest"] = {"release": gk.release, "cgroup": cgroup, "accel": r.accel, "seconds": round(r.seconds, 1)}
         return doc
     finally:
-        shutil.rmtree(share, ignore_errors=True)
+        if os.environ.get("MEMCGSCOPE_KEEP_VM_SHARE"):
+            print(f"memcgscope validate: kept {share}", file=sys.stderr)
+        else:
+            shutil.rmtree(share, ignore_errors=True)
 
 
 def _v1_off(config_path: str) -> bool:

@@ -300,6 +300,15 @@ def build() -> dict:
                      "short"), 8, 8)
 
     b.row("Pressure and contents")
+    b.add(timeseries("Throttled at memory.high", "Share of wall time tasks of each cgroup slept as "
+                     "memory.high's penalty (mem_cgroup_handle_over_high): alive, but not serving.",
+                     [(rate("memcgscope_high_throttled_seconds_total", by="cgroup"), "{{cgroup}}")],
+                     "percentunit"), 8, 8)
+    b.add(timeseries("memory.high handler calls /s", "Returns to user space that found pages owed above "
+                     "memory.high (mem_cgroup_handle_over_high), per second: reclaim, then maybe a sleep.",
+                     [(rate("memcgscope_high_handler_calls_total", by="cgroup"), "{{cgroup}}")], "ops"), 8, 8)
+    b.add(heatmap("memory.high penalty sleeps", "One sleep per throttled return to user space (capped at 2 s).",
+                  f"sum by (le) (rate(memcgscope_high_throttle_seconds_bucket{{{CG}}}[{RI}]))", "s"), 8, 8)
     b.add(timeseries("Memory pressure (PSI, v2)", "Share of wall time some (or all) non-idle tasks of the "
                      "cgroup were stalled on memory: reclaim, throttling, refaults (memory.pressure).",
                      [(rate("memcgscope_cgroup_pressure_seconds_total", by="cgroup, kind"), "{{cgroup}} {{kind}}")],

@@ -27,6 +27,7 @@ PROMTOOL = "/usr/bin/promtool"
 DS_UID = "${DS_PROMETHEUS}"
 
 ALERTS = {"MemcgscopeModelDivergence", "MemcgscopeEventsLost", "MemcgscopeMapFull", "MemcgscopeProbeDetached",
+          "MemcgscopeThrottledAtMemoryHigh",
           "MemcgscopeChargeFailures", "MemcgscopeOOMKills", "MemcgscopeReclaimStall"}
 # series Prometheus itself adds to every scrape
 SYNTHETIC = {"up", "scrape_duration_seconds", "scrape_samples_scraped", "scrape_samples_post_metric_relabeling",

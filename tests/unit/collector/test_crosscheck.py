@@ -588,3 +588,45 @@ def test_mutated_real_episodes_never_crash():
                 res = cc.check(m)
                 assert res.checks and all(v in ("ok", "divergent", "skipped") for _, v in res.checks)
                 assert all(d.reason in REASONS for d in res.divergences)
+
+
+# -- memory.high throttling (mem_cgroup_handle_over_high) ---------------------------------------
+
+def over_high(nr=200, steps=None, penalty=0, usage=8500, high=8192, cg=CG):
+    """The handler for a task owing ``nr`` pages: by default one reclaim of
+    the debt that leaves ``usage`` against ``high``, then a sleep of
+    ``penalty`` jiffies (0: none)."""
+    if steps is None:
+        steps = [rc(freed=10, nr=nr, cg=cg, usage=usage, v1=False) | {"caller": "high"}]
+    return {"type": "episode", "kind": "over_high", "ts_ns": 5, "duration_ns": 10, "pid": 7, "tid": 7,
+            "comm": "t", "cpu": 0, "cgroup_id": cg, "nr_pages": nr, "steps": steps, "ret": 0,
+            "sleep_ns": penalty * 4_000_000, "penalty_jiffies": penalty,
+            "entry": {"usage": usage, "max": MAX * 4, "high": high},
+            "exit": {"usage": usage, "max": MAX * 4, "high": high}}
+
+
+def test_over_high_penalty_within_the_model():
+    from memcgscope.model.charge import high_penalty_jiffies
+    cc = v2("6.12")
+    low = high_penalty_jiffies("6.12", 200, 8500, 8192)
+    assert 2 < low < 500                     # the case sleeps, below the cap
+    assert cc.check(over_high(penalty=low)).checks == [("over_high", "ok")]
+    assert cc.check(over_high(penalty=500)).ok          # another level may be worse: up to the cap
+    assert cc.check(over_high(penalty=0)).ok            # no sleep seen: nothing to bound
+    # a sleep shorter than this memcg's own overage allows, one past the 2 s cap, one at HZ/100
+    assert reasons(cc.check(over_high(penalty=low - 2))) == ["high_penalty"]
+    assert reasons(cc.check(over_high(penalty=501))) == ["high_penalty"]
+    assert reasons(cc.check(over_high(penalty=2, usage=8300, nr=64))) == ["high_penalty"]
+
+
+def test_over_high_steps_and_reclaim_sizes():
+    cc = v2("6.12")
+    retry = [rc(freed=0, nr=200, usage=8500, v1=False), rc(freed=0, nr=32, usage=8500, v1=False)]
+    assert cc.check(over_high(steps=retry)).ok
+    # reclaim_high asks the debt, then SWAP_CLUSTER_MAX: never another size
+    bad = [rc(freed=0, nr=200, usage=8500, v1=False), rc(freed=0, nr=64, usage=8500, v1=False)]
+    assert reasons(cc.check(over_high(steps=bad))) == ["reclaim_args"]
+    # memory.high handling never OOMs
+    assert reasons(cc.check(over_high(steps=retry + [oom(v1=False)]))) == ["unexpected_oom"]
+    assert reasons(cc.check(over_high(nr=0))) == ["malformed"]
+    assert reasons(cc.check({k: v for k, v in over_high().items() if k != "steps"})) == ["malformed"]
