@@ -11,11 +11,15 @@ then looks for in /lib/modules/<release>.
 
 KVM is used when a trial boot works, TCG otherwise (``MEMCGSCOPE_VM_ACCEL``
 decides outright).  Only the process group this module starts is ever
-killed.
+killed. One guest at a time per machine: a boot waits for the others'
+(an flock on ``GUEST_LOCK``), because two TCG guests on a small machine
+each run slower than twice as long, and their timeouts fire.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -37,6 +41,8 @@ V1_MEMORY_MOUNT = "/run/memcg-v1"
 #: a real local filesystem for page cache in the guest (its / is 9p and its
 #: /tmp an overlay on tmpfs: neither is page cache a memcg reclaims)
 PAGE_CACHE_DIR = "/run/memcgscope-ext4"
+#: held while a guest runs (see the module's text)
+GUEST_LOCK = os.environ.get("MEMCGSCOPE_GUEST_LOCK", "/run/lock/memcgscope-guest.lock")
 KVM_PROBE_TIMEOUT = 25.0  # a KVM boot to a shell takes a few seconds; TCG 10-20 s
 
 
@@ -247,6 +253,28 @@ def run_in_guest(gk: GuestKernel, command: str, *, cgroup: str = "v2", timeout: 
     """Boots ``gk``, runs ``command`` (sh) as root after the prelude, returns
     its output and status. The guest is killed on timeout or error."""
     _preflight()
+    with one_guest_at_a_time(on_stderr):
+        return _run_locked(gk, command, cgroup, timeout, memory, cpus, rwdir, cwd, page_cache, swap, on_stderr)
+
+
+@contextlib.contextmanager
+def one_guest_at_a_time(on_wait=None):
+    """Holds GUEST_LOCK; says so through ``on_wait`` when another guest has it."""
+    os.makedirs(os.path.dirname(GUEST_LOCK), exist_ok=True)
+    with open(GUEST_LOCK, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait(f"memcgscope: another guest is running ({GUEST_LOCK} is held); waiting for it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _run_locked(gk, command, cgroup, timeout, memory, cpus, rwdir, cwd, page_cache, swap, on_stderr):
     acceleration, _why = accel(gk)
     script = f"set -e; {prelude(cgroup, page_cache=page_cache, swap=swap)}; set +e; " \
              + (f"cd {cwd}; " if cwd else "") + command
