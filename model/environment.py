@@ -24,6 +24,9 @@ from .gfp import GFP
 from .page_counter import PAGE_SIZE
 from .vmscan import SWAP_CLUSTER_MAX
 
+#: pages in a PMD-mapped huge page (x86-64, 4 KiB pages)
+HPAGE_PMD_NR = 512
+
 __all__ = ["Environment", "SimTask", "TouchResult", "mib"]
 
 
@@ -173,19 +176,45 @@ class Environment:
     # -- workload ------------------------------------------------------------------
 
     def touch(self, name: str, anon: int = 0, file: int = 0, gfp: int | None = None,
-              cpu: int = 0, max_fault_retries: int = 8) -> TouchResult:
+              cpu: int = 0, max_fault_retries: int = 8, huge: int = 0) -> TouchResult:
         """The task touches ``anon`` new anon pages then ``file`` page-cache
         pages, one fault (one 1-page charge) each; memory.high debt is paid
         on each return to user space.  A failed charge makes
         the fault retry (pagefault_out_of_memory), up to
-        ``max_fault_retries`` times in a row."""
+        ``max_fault_retries`` times in a row.
+
+        ``huge``: then as many anon pages in 2 MiB-aligned ranges of a
+        VMA with THP (enabled "always", defrag not "always"): the first
+        fault of each range charges HPAGE_PMD_NR pages with
+        GFP_TRANSHUGE_LIGHT (do_huge_pmd_anonymous_page ->
+        mem_cgroup_charge), which has no reclaim bits; if that fails the
+        range's faults fall back to small pages (do_anonymous_page)."""
         t = self.task(name)
         gfp = GFP.HIGHUSER_MOVABLE if gfp is None else gfp
         res = TouchResult()
         killed_before = len(self.kills)
-        for kind, count in (("anon", anon), ("file", file)):
+        plan = [("anon", anon), ("file", file)]
+        while huge > 0:
+            plan.append(("huge", min(huge, HPAGE_PMD_NR)))
+            huge -= HPAGE_PMD_NR
+        for kind, count in plan:
             done = 0
             failures = 0
+            if kind == "huge":
+                if res.end != "done" or not t.alive:
+                    res.end = "killed" if not t.alive else res.end
+                    break
+                light = GFP.for_profile(self.kernel.profile).TRANSHUGE_LIGHT
+                r = self.kernel.charge(t.cgroup, HPAGE_PMD_NR, light, cpu, reclaim=self.reclaim, task=t.task,
+                                       oom=self.oom)
+                res.charges += 1
+                if r.ret == 0:
+                    res.stock_misses += 1
+                    t.anon += HPAGE_PMD_NR
+                    res.anon += HPAGE_PMD_NR
+                    continue
+                res.slow.append(r)
+                kind = "anon"          # the fallback: small pages for what is touched
             while done < count:
                 if not t.alive:
                     res.end = "killed"

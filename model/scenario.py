@@ -30,7 +30,10 @@ out_of_memory() returns, in order; default: the environment kills);
 for charge ``pages``, ``gfp`` and ``flags = ["PF_MEMALLOC", "DYING"]`` (also
 ``OOM_REAPED``: an OOM victim whose mm the reaper is done with; op
 ``flags`` sets them for a ``task``, or for later charge ops);
-for write ``file``, ``value``, ``signal_pending``, ``nonblock``.
+for write ``file``, ``value``, ``signal_pending``, ``nonblock``;
+for touch ``anon``, ``file`` and ``huge`` (anon in 2 MiB-aligned ranges
+with THP: one GFP_TRANSHUGE_LIGHT charge of 512 pages per range, small
+pages where it fails).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ _TOP_KEYS = {"kernel", "cgroup", "cpus", "swap", "swap_account", "hz",
              # read by `memcgscope validate` (collector/validate/plan.py), not by the model
              "thp", "requires", "validate"}
 _OP_KEYS = {
-    "touch": {"task", "anon", "file", "gfp", "cpu"},
+    "touch": {"task", "anon", "file", "huge", "gfp", "cpu"},
     "charge": {"cgroup", "pages", "gfp", "cpu", "flags", "reclaim", "drain", "oom"},
     "uncharge": {"cgroup", "pages", "cpu"},
     "write": {"cgroup", "file", "value", "reclaim", "drain", "oom", "signal_pending",
@@ -317,7 +320,8 @@ def _run_op(sc: Scenario, i: int, op: dict) -> OpResult:
         gfp = _gfp(name, f"{where}.gfp", op["gfp"], k.profile) if "gfp" in op else None
         anon = _pages(name, f"{where}.anon", op.get("anon", 0))
         file = _pages(name, f"{where}.file", op.get("file", 0))
-        r = env.touch(t.name, anon=anon, file=file, gfp=gfp, cpu=cpu)
+        huge = _pages(name, f"{where}.huge", op.get("huge", 0))
+        r = env.touch(t.name, anon=anon, file=file, gfp=gfp, cpu=cpu, huge=huge)
         steps = [s for res in r.slow for s in res.steps]
         summ = (f"{t.name}: {r.anon} anon + {r.file} file pages charged in {r.charges} charges "
                 f"({r.stock_hits} stock hits, {r.stock_misses} stock misses, {len(r.slow)} over a "

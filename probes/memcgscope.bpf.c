@@ -12,7 +12,7 @@
 // a reclaim, a drain, an OOM) or fails; limit writes are always episodes.
 
 #include <uapi/linux/ptrace.h>
-#include <linux/sched.h>
+// (no linux/sched.h: task fields are read at BTF offsets; it only cost compile time)
 
 #ifndef OFF_MEMCG_CSS_CGROUP
 #error "memcgscope: struct offsets must be given as -D flags (probes/program.py)"

@@ -247,6 +247,9 @@ def load_plan(text: str, name: str) -> Plan:
         if not isinstance(path, str) or path.strip("/") not in known:
             raise _err(name, f"tasks.{t}", f"no cgroup {path!r}; declare it under [cgroups]")
         tasks[t] = path.strip("/")
+    if any(isinstance(op, dict) and op.get("op") == "touch" and op.get("huge") for op in data.get("ops") or []):
+        # a `huge` touch is only a huge-page attempt where THP is "always"
+        requires = list(dict.fromkeys([*requires, "thp=always"]))
     v = data.get("validate") or {}
     if not isinstance(v, dict):
         raise _err(name, "validate", "expected a table of field = { tolerance }")

@@ -268,12 +268,13 @@ class ScenarioRunner:
             w = self._workers.get(op.get("task"))
             if w is None:
                 raise RunnerError(f"{plan.name}: {where}.task: no task {op.get('task')!r}")
-            for what in ("anon", "file"):
+            # in the model's order: anon, file, then huge (model/environment.py touch)
+            for what in ("anon", "file", "huge"):
                 pages = _pages(op.get(what, 0))
                 if not pages:
                     continue
-                if what == "anon":
-                    reply = w.ask(f"anon {pages}")
+                if what in ("anon", "huge"):
+                    reply = w.ask(f"{what} {pages}")
                 else:
                     target = os.path.join(self.workdir, f"{os.path.basename(self.root)}-{w.name}.bin")
                     if target not in self._files:

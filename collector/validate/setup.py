@@ -22,8 +22,8 @@ class SetupError(Exception):
     """One line: what, where, the fix."""
 
 
-def thp_setting(sysroot: SysRoot) -> str:
-    text = sysroot.read_text("/sys/kernel/mm/transparent_hugepage/enabled") or ""
+def thp_setting(sysroot: SysRoot, file: str = "enabled") -> str:
+    text = sysroot.read_text(f"/sys/kernel/mm/transparent_hugepage/{file}") or ""
     for word in text.split():
         if word.startswith("[") and word.endswith("]"):
             return word[1:-1]
@@ -135,7 +135,7 @@ def environment(args, sysroot: SysRoot | None = None):
             raise SetupError(f"--profile: {e}" if args.profile else f"kernel {report.kernel}: {e}") from None
         memsw = version == "v1" and os.path.exists(os.path.join(own, "memory.memsw.limit_in_bytes"))
         facts = Facts(version, bool(sysroot.swaps()), memsw, thp_setting(sysroot),
-                      resolution.profile.has_memory_reclaim)
+                      resolution.profile.has_memory_reclaim, thp_setting(sysroot, "defrag"))
 
         def pipeline_for():
             resolver.rescan()   # the scenario's cgroups are new

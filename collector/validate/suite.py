@@ -35,6 +35,7 @@ class Facts:
     memsw: bool                  # v1 swap accounting (memory.memsw.* files)
     thp: str                     # the system's THP setting: always | madvise | never
     has_memory_reclaim: bool     # the profile (and kernel) have memory.reclaim
+    thp_defrag: str = "madvise"  # /sys/kernel/mm/transparent_hugepage/defrag
 
 
 def not_applicable(plan: Plan, facts: Facts) -> str | None:
@@ -51,6 +52,9 @@ def not_applicable(plan: Plan, facts: Facts) -> str | None:
         return "needs memory.reclaim, which this kernel does not have (5.19+)"
     if ("thp=always" in plan.requires or plan.thp == "always") and facts.thp != "always":
         return f"needs transparent huge pages 'always'; this system has '{facts.thp}'"
+    if "thp=always" in plan.requires and facts.thp_defrag == "always":
+        # defrag "always" gives every THP fault GFP_TRANSHUGE, which reclaims
+        return "needs THP defrag other than 'always' (huge-page faults would reclaim); this system has 'always'"
     return None
 
 

@@ -21,9 +21,33 @@ import tempfile
 from ..guest import PAGE_CACHE_DIR, V1_MEMORY_MOUNT, GuestError, guest_kernel, run_in_guest
 from .setup import SetupError
 
-__all__ = ["run_vm"]
+__all__ = ["run_vm", "guest_command"]
 
 GUEST_SWAP = "512M"
+
+
+def guest_command(cgroup: str, report: str, scenario_paths: list[str] = (), *, scratch_limit: str = "1G",
+                  profile: str | None = None, mode: str | None = None, no_probes: bool = False) -> str:
+    """The shell lines a guest runs for `validate --vm` (tests/vm runs the
+    same after its other workloads): zram swap where the kernel has the
+    module, then `validate --json` with the guest's root cgroup as the
+    explicit parent and page cache on the guest's ext4, the report into
+    ``report``, and "rc=N" on stdout. It goes in a file: vng hands the guest
+    its command on the kernel command line, which a long scenario list
+    overflows (the guest then hangs at boot)."""
+    parent = V1_MEMORY_MOUNT if cgroup == "v1" else "/sys/fs/cgroup"
+    cmd = [sys.executable, "-m", "memcgscope.collector.cli", "validate", "--json", "--parent", parent,
+           "--workdir", PAGE_CACHE_DIR, "--scratch-limit", scratch_limit]
+    if profile:
+        cmd += ["--profile", profile]
+    if mode:
+        cmd += ["--mode", mode]
+    if no_probes:
+        cmd.append("--no-probes")
+    cmd += list(scenario_paths)
+    swap_setup = (f"if modprobe zram 2>/dev/null; then echo {GUEST_SWAP} > /sys/block/zram0/disksize && "
+                  f"mkswap /dev/zram0 >/dev/null && swapon /dev/zram0; fi\n")
+    return swap_setup + " ".join(shlex.quote(c) for c in cmd) + f" > {shlex.quote(report)}\necho rc=$?\n"
 
 
 def run_vm(args, scenario_paths: list[str], progress) -> dict:
@@ -45,27 +69,11 @@ def run_vm(args, scenario_paths: list[str], progress) -> dict:
             dest = os.path.join(share, os.path.basename(path))
             shutil.copyfile(path, dest)
             names.append(dest)
-        parent = V1_MEMORY_MOUNT if cgroup == "v1" else "/sys/fs/cgroup"
         report = os.path.join(share, "report.json")
-        cmd = [sys.executable, "-m", "memcgscope.collector.cli", "validate", "--json", "--parent", parent,
-               "--workdir", PAGE_CACHE_DIR, "--scratch-limit", args.scratch_limit]
-        if args.profile:
-            cmd += ["--profile", args.profile]
-        if args.mode:
-            cmd += ["--mode", args.mode]
-        if args.no_probes:
-            cmd.append("--no-probes")
-        cmd += names
-        # zram for swap scenarios, when the kernel has the module
-        swap_setup = (f"if modprobe zram 2>/dev/null; then echo {GUEST_SWAP} > /sys/block/zram0/disksize && "
-                      f"mkswap /dev/zram0 >/dev/null && swapon /dev/zram0; fi; ")
-        # the command goes in a file: vng hands the guest its command on the
-        # kernel command line, which a long scenario list overflows (the
-        # guest then hangs at boot)
         runner = os.path.join(share, "run.sh")
         with open(runner, "w") as f:
-            f.write(swap_setup + " ".join(shlex.quote(c) for c in cmd)
-                    + f" > {shlex.quote(report)}\necho rc=$?\n")
+            f.write(guest_command(cgroup, report, names, scratch_limit=args.scratch_limit, profile=args.profile,
+                                  mode=args.mode, no_probes=args.no_probes))
         script = f"sh {shlex.quote(runner)}"
         progress(f"booting {gk.release} ({cgroup}); the guest compiles the BPF program (tens of seconds "
                  f"under TCG), then runs each scenario")

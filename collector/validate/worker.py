@@ -4,6 +4,8 @@ on stdin, one per line, and answers on stdout.
     enter PATH          move itself into the cgroup whose cgroup.procs is PATH
     thp never           disable transparent huge pages for itself (prctl)
     anon PAGES          map PAGES of anonymous memory and write to each page
+    huge PAGES          the same in 2 MiB-aligned ranges with THP allowed for
+                        the touch (each range's first fault tries a huge page)
     file PATH PAGES     write PAGES of page cache to PATH, flushed as it goes
     exit                answer and exit 0
 
@@ -19,13 +21,48 @@ afterwards (the write buffer) is allocated before it enters.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import sys
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 PR_SET_THP_DISABLE = 41
+PR_GET_THP_DISABLE = 42
+HPAGE = 512 * PAGE            # a PMD-mapped huge page on x86-64
 CHUNK = 1 << 20
+
+
+def _prctl(*args) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    r = libc.prctl(*args, 0, 0, 0) if len(args) == 2 else libc.prctl(*args, 0, 0, 0, 0)
+    if r < 0:
+        raise OSError(ctypes.get_errno(), f"prctl{args}")
+    return r
+
+
+def huge(pages: int, maps: list) -> int:
+    """Touch ``pages`` pages from a 2 MiB boundary on, THP allowed while
+    touching: the first fault of each 2 MiB range tries a huge page. The
+    range is then marked MADV_NOHUGEPAGE and THP restored as it was, so
+    khugepaged does not collapse it (or anything else of ours) later: a
+    collapse charges 512 pages on its own, with reclaim."""
+    ranges = -(-pages * PAGE // HPAGE)
+    m = mmap.mmap(-1, (ranges + 1) * HPAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    maps.append(m)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    start = -base % HPAGE
+    disabled = _prctl(PR_GET_THP_DISABLE)
+    if disabled:
+        _prctl(PR_SET_THP_DISABLE, 0)
+    try:
+        for off in range(start, start + pages * PAGE, PAGE):
+            m[off] = 1
+    finally:
+        m.madvise(mmap.MADV_NOHUGEPAGE, start, ranges * HPAGE)
+        if disabled:
+            _prctl(PR_SET_THP_DISABLE, 1)
+    return pages
 
 
 def main() -> int:
@@ -43,11 +80,13 @@ def main() -> int:
                     f.write("0")  # 0: the writing process itself
                 reply = "ok entered"
             elif cmd == "thp":
-                import ctypes
                 libc = ctypes.CDLL(None, use_errno=True)
                 if libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
                     raise OSError(ctypes.get_errno(), "prctl(PR_SET_THP_DISABLE)")
                 reply = "ok thp never"
+            elif cmd == "huge":
+                pages = int(args[0])
+                reply = f"ok huge {huge(pages, maps)}"
             elif cmd == "anon":
                 pages = int(args[0])
                 if pages:

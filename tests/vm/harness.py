@@ -100,12 +100,13 @@ def accel(kf: kernels.KernelFiles | None = None) -> tuple[str, str]:
 
 
 def run_in_guest(guest: Guest, command: str, *, timeout: float = 600, memory: str = "2G",
-                 cpus: int = 2, rwdir: str | None = None) -> GuestResult:
+                 cpus: int = 2, rwdir: str | None = None, page_cache: bool = False) -> GuestResult:
     """Boots `guest`, runs `command` (sh) as root after the cgroup prelude
     and in the checkout, returns its output and status."""
     kf = preflight(guest)
     r = _guest.run_in_guest(_guest.GuestKernel(kf.release, kf.vng_args(), kf), command, cgroup=guest.cgroup,
-                            timeout=timeout, memory=memory, cpus=cpus, rwdir=rwdir, cwd=REPO)
+                            timeout=timeout, memory=memory, cpus=cpus, rwdir=rwdir, cwd=REPO,
+                            page_cache=page_cache)
     return GuestResult(guest, r.kernel, r.returncode, r.stdout, r.stderr, r.seconds, r.accel)
 
 

@@ -1,30 +1,24 @@
-"""Probes in kprobe and fentry mode on real Debian 6.1 (v1, v2) and 6.12
-(v2) kernels: charge episodes (huge-page -ENOMEM, reclaim, OOM), the v1
-resize -EBUSY, the v2 memory.max reclaim loop and OOM, failcnt agreement.
-The workloads run in the guest (guest_probe_workload.py)."""
+"""Probes in kprobe and fentry mode on every guest of harness.GUESTS (Debian
+5.10 v1/v2, 6.1 v1/v2, 6.12, 6.18, 7.3): charge episodes (huge-page -ENOMEM,
+reclaim, OOM), the v1 resize -EBUSY, the v2 memory.max reclaim loop and OOM,
+failcnt agreement. The workloads run in the guest (guest_probe_workload.py,
+one boot per guest: conftest.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 
 import pytest
 
-ARTIFACTS = os.environ.get("MEMCGSCOPE_ARTIFACTS", "/tmp/memcgscope-artifacts")
 PAGE = 4096
 GFP_DIRECT_RECLAIM = 0x400
 
 
 @pytest.mark.parametrize("mode", ["kprobe", "fentry"])
-def test_probes_in_guest(guest, mode):
-    out = guest.tmp_path / "result.json"
-    jsonl = guest.tmp_path / "episodes.jsonl"
-    r = guest.run(f".venv/bin/python tests/vm/guest_probe_workload.py {mode} {out} --episodes {jsonl}", timeout=900)
-    assert r.returncode == 0, str(r)
-    os.makedirs(ARTIFACTS, exist_ok=True)
-    shutil.copy(out, os.path.join(ARTIFACTS, f"probes-{guest.guest.name}-{mode}.json"))
-    res = json.loads(out.read_text())
+def test_probes_in_guest(suite, mode):
+    guest = suite
+    suite.step(mode)
+    res = suite.json(f"probes-{mode}.json")
     eps = res["episodes"]
     wl = res["workloads"]
 

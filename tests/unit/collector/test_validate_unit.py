@@ -126,6 +126,29 @@ def test_applicability():
     text = (SCENARIOS / "anon-oom-v2.toml").read_text() + '\n[[ops]]\nop = "charge"\ncgroup = "app"\n'
     assert "runs only in the model" in not_applicable(load_plan(text, "x.toml"),
                                                      Facts("v2", False, False, "always", True))
+    # a huge touch needs THP "always" (said or not) and a defrag that does not reclaim
+    rejected = plan("thp-rejected-v2.toml")
+    assert "thp=always" in rejected.requires
+    assert not_applicable(rejected, guest) is None
+    assert "huge pages 'always'" in not_applicable(rejected, Facts("v2", False, False, "madvise", True))
+    assert "defrag" in not_applicable(rejected, Facts("v2", False, False, "always", True, thp_defrag="always"))
+
+
+def test_worker_huge_touch():
+    """The worker's `huge` command: THP allowed for the touch and restored after."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "memcgscope.collector.validate.worker"], text=True,
+                       input="thp never\nhuge 600\nhuge 0\nexit\n", capture_output=True, timeout=60)
+    assert r.stdout.split("\n")[:4] == ["ok thp never", "ok huge 600", "ok huge 0", "ok bye"], r
+
+
+def test_huge_touch_discriminates_7_3(tmp_path):
+    """thp-rejected-v2: the model's max event for the rejected huge charge
+    is 7.3.4's (rejected_charge_raises_max); an older profile predicts none."""
+    p = plan("thp-rejected-v2.toml")
+    new, old = run_model(p, get_profile("7.3")), run_model(p, get_profile("7.2"))
+    assert "max 1" in new.files["app"]["memory.events"] and "max 0" in old.files["app"]["memory.events"]
 
 
 @pytest.mark.parametrize("extra,message", [

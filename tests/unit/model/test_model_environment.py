@@ -128,3 +128,26 @@ def test_memory_high_is_paid_on_return_to_user(profile):
     # page cache was reclaimed down towards high; usage stays near it
     assert a.memory.usage <= mib(10) + 2 * k.profile.charge_batch
     assert env.tasks["t"].task.memcg_nr_pages_over_high == 0
+
+
+@pytest.mark.parametrize("profile, max_events", [("6.12", 0), ("7.2", 0), ("7.3.0", 0), ("7.3", 1)])
+def test_huge_touch_rejected_then_small_pages(profile, max_events):
+    """A huge-page fault that no longer fits: one 512-page
+    GFP_TRANSHUGE_LIGHT charge fails without reclaim, small pages fit; only
+    7.3.4+ raises a max event for the rejection."""
+    env = Environment(Kernel(profile, cgroup="v2", cpus=2), swap_pages=0)
+    a = env.kernel.mkdir("a")
+    env.kernel.write(a, "memory.max", "8M")
+    env.spawn("t", a)
+    env.touch("t", anon=1664)
+    r = env.touch("t", huge=64)
+    assert r.end == "done" and r.anon == 64 and r.reclaims == 0
+    assert len(r.slow) == 1 and r.slow[0].ret == -12
+    assert a.event("max") == max_events
+    # where it fits, the range is one huge page: 512 pages charged for 64 touched
+    r = Environment(Kernel(profile, cgroup="v2"), swap_pages=0)
+    b = r.kernel.mkdir("b")
+    r.kernel.write(b, "memory.max", "8M")
+    r.spawn("u", b)
+    res = r.touch("u", huge=64)
+    assert res.anon == 512 and res.slow == [] and b.event("max") == 0

@@ -1,0 +1,69 @@
+"""Runs inside a guest (tests/vm): every guest-side step of the VM tier in
+one boot, each a subprocess with its own timeout, so a step that fails or
+hangs still lets the others report. The host-side tests read the files.
+
+    python3 guest_suite.py OUTDIR [STEP ...]
+
+Steps (default: all, in this order):
+  doctor   doctor --capture OUTDIR/capture, doctor.txt and doctor.json
+  kprobe   guest_probe_workload.py kprobe -> probes-kprobe.json, episodes-kprobe.jsonl
+  fentry   guest_probe_workload.py fentry -> probes-fentry.json, episodes-fentry.jsonl
+  node     guest_node_workload.py (memcgscope run, scraped) -> node.json
+OUTDIR/steps.json: each step's exit status and seconds. `validate` runs
+after this script (collector/validate/vm.py's guest_command: it turns swap
+on, which the steps here must not have).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PY = sys.executable
+BIN = os.path.dirname(PY)
+
+STEPS = {
+    "doctor": (lambda o: f"{BIN}/memcgscope doctor --capture {o}/capture > {o}/doctor.txt 2> {o}/doctor.err; "
+                         f"echo table=$? >> {o}/doctor.rc; "
+                         f"{BIN}/memcgscope doctor --json > {o}/doctor.json 2>> {o}/doctor.err; "
+                         f"echo json=$? >> {o}/doctor.rc", 300),
+    "kprobe": (lambda o: f"{PY} {HERE}/guest_probe_workload.py kprobe {o}/probes-kprobe.json "
+                         f"--episodes {o}/episodes-kprobe.jsonl", 900),
+    "fentry": (lambda o: f"{PY} {HERE}/guest_probe_workload.py fentry {o}/probes-fentry.json "
+                         f"--episodes {o}/episodes-fentry.jsonl", 900),
+    "node": (lambda o: f"{PY} {HERE}/guest_node_workload.py {o}/node.json", 600),
+}
+
+
+def main() -> int:
+    out = os.path.abspath(sys.argv[1])
+    wanted = sys.argv[2:] or list(STEPS)
+    os.makedirs(out, exist_ok=True)
+    done = {}
+    for name in wanted:
+        cmd, timeout = STEPS[name]
+        start = time.monotonic()
+        with open(f"{out}/{name}.log", "w") as log:
+            proc = subprocess.Popen(["sh", "-c", cmd(out)], stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                # the whole step: its shell and the workload it started
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                rc = "timeout"
+        done[name] = {"returncode": rc, "seconds": round(time.monotonic() - start, 1)}
+        print(f"memcgscope vm step {name}: {done[name]}", file=sys.stderr, flush=True)
+        with open(f"{out}/steps.json", "w") as f:
+            json.dump(done, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""`memcgscope validate` in every guest of harness.GUESTS, run as
+`validate --vm` runs it (collector/validate/vm.py guest_command: zram swap,
+page cache on an ext4 RAM disk, the guest's root cgroup as the parent):
+every built-in scenario of the guest's cgroup version applies and agrees
+with the model of the profile the kernel resolves to."""
+
+from __future__ import annotations
+
+from memcgscope.collector.validate.suite import builtin_scenarios
+
+
+def test_validate_in_guest(suite):
+    st = suite.steps.get("validate") or {}
+    doc = suite.json("validate.json") if (suite.out / "validate.json").exists() else None
+    assert doc is not None, f"validate wrote no report\n{suite}"
+    scen = {s["scenario"]: s for s in doc["scenarios"]}
+    table = "\n".join(f"{n}: {s['verdict']} {s['not_applicable'] or s['error'] or ''} "
+                      f"{[r for r in s['rows'] if r['verdict'] == 'disagree']} {s['divergences'][:3]}"
+                      for n, s in scen.items())
+    assert st.get("returncode") == 0 and doc["agree"], table
+    assert doc["profile"] == suite.guest.profile, doc.get("profile")
+    version = suite.guest.cgroup
+    wanted = {n.rsplit("/", 1)[-1].removesuffix(".toml") for n in builtin_scenarios()}
+    assert {n.removesuffix(".toml") for n in scen} == wanted, sorted(scen)
+    for name, s in scen.items():
+        mine = name.removesuffix(".toml").endswith(f"-{version}") or (version == "v1" and name.startswith("v1-"))
+        if not mine:
+            assert s["verdict"] == "n/a" and "scenario" in s["not_applicable"], (name, s)
+        elif name.startswith("memory-reclaim") and suite.guest.profile == "5.10":
+            assert s["verdict"] == "n/a" and "5.19+" in s["not_applicable"], (name, s)
+        else:
+            # swap (zram), THP "always" and memsw are there: nothing of this version is left out
+            assert s["verdict"] == "agree", (name, s)
+            assert s["episodes"] > 0 or name.startswith("v1-limit"), (name, s)
