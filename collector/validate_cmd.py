@@ -17,6 +17,11 @@ Three forms:
       Runs your command in a scratch cgroup with those limits, under the
       probes, and reports its exit status, the cgroupfs end state, the
       episodes by kind and every divergence with its episode.
+  memcgscope validate --recheck REPORT.json [--profile P]
+      Offline, no root: the kernel side a `--json` report recorded (each
+      operation's result, who was killed, the cgroupfs files) compared
+      again with the model, under another profile: which kernel versions
+      this kernel's behaviour tells apart.
 
 Exit status: 0 when every applicable field agrees (a scenario that does not
 apply says why: never a pass), 1 when any disagrees, 2 for a usage or
@@ -36,6 +41,7 @@ EPILOG = """examples:
   memcgscope validate --profile 5.10                  a wrong profile must disagree
   memcgscope validate --vm 6.12 --cgroup v2           inside a Debian 6.12 guest
   memcgscope validate --memory-max 30M -- stress-ng --vm 1 --vm-bytes 100M -t 10
+  memcgscope validate --vm 7.3 --json > r.json; memcgscope validate --recheck r.json --profile 7.2
 """
 
 
@@ -56,6 +62,8 @@ def add_parser(sub) -> None:
                    help="hard limit of the scratch cgroup holding a scenario (default 1G)")
     p.add_argument("--no-probes", action="store_true",
                    help="compare end states only, without probing (no root BPF; episodes unchecked)")
+    p.add_argument("--recheck", metavar="REPORT",
+                   help="compare a --json report's kernel side with the model again (offline; --profile P)")
     v = p.add_argument_group("in a guest kernel")
     v.add_argument("--vm", metavar="KERNEL",
                    help="validate inside this kernel under QEMU: a Debian family or version (5.10, 6.1, 7.3, "
@@ -85,6 +93,10 @@ def run(args) -> int:
     from .validate.setup import SetupError, environment
 
     command = args.items if "--" in (getattr(args, "argv", None) or []) else None
+    if args.recheck:
+        if args.vm or command is not None or args.items:
+            return _fail("--recheck takes a report only (and --profile, --json)")
+        return _recheck(args)
     if args.vm and command is not None:
         return _fail("--vm takes scenarios, not a command after '--'")
     if args.cgroup and not args.vm:
@@ -116,6 +128,51 @@ def run(args) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def _recheck(args) -> int:
+    import json
+
+    from memcgscope.model.profiles import get_profile
+
+    from .validate.compare import recheck
+    from .validate.plan import PlanError, load_plan
+    from .validate.report import format_table, to_json
+    from .validate.suite import ScenarioReport
+
+    try:
+        with open(args.recheck, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        return _fail(f"--recheck {args.recheck}: {e}; give a report written by validate --json")
+    if not isinstance(doc, dict) or not isinstance(doc.get("scenarios"), list):
+        return _fail(f"--recheck {args.recheck}: no 'scenarios' list; give a report written by validate --json")
+    name = args.profile or doc.get("profile")
+    try:
+        profile = get_profile(name)
+    except (KeyError, ValueError) as e:
+        return _fail(f"--profile {name}: {e}")
+    reports = []
+    for s in doc["scenarios"]:
+        rep = ScenarioReport(s.get("scenario", "?"), s.get("description", ""))
+        if s.get("kernel_side") is None or not s.get("source"):
+            rep.not_applicable = s.get("not_applicable") or "the report kept no kernel side for it"
+        else:
+            try:
+                plan = load_plan(s["source"], rep.name)
+                rep.rows = recheck(plan, s["kernel_side"], profile)
+            except (PlanError, ValueError) as e:
+                rep.error = str(e)
+        reports.append(rep)
+    facts = {k: doc.get(k) for k in ("kernel", "kernel_version", "upstream")}
+    facts.update(profile=profile.name, recheck_of=args.recheck, recorded_profile=doc.get("profile"))
+    if args.json:
+        print(to_json(reports, facts))
+    else:
+        print(format_table(reports, f"memcgscope validate --recheck {args.recheck}: kernel {doc.get('kernel')} "
+                                    f"against model profile {profile.name} (recorded: {doc.get('profile')}); "
+                                    f"end states only"))
+    return 1 if any(r.verdict in ("disagree", "error") for r in reports) else 0
 
 
 def _progress(msg: str) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from .plan import Plan, Tolerance
 from .runner import END_FILES
 
-__all__ = ["Row", "ModelRun", "run_model", "compare", "DEFAULTS", "default_tolerance"]
+__all__ = ["Row", "ModelRun", "run_model", "compare", "recheck", "DEFAULTS", "default_tolerance"]
 
 _MIB = 1 << 20
 
@@ -201,3 +201,15 @@ def episode_rows(plan: Plan, episodes: list, *, charges_visible: bool, ids: dict
     return rows
 
 
+
+
+def recheck(plan: Plan, kernel_side: dict, profile) -> list[Row]:
+    """A recorded kernel side (a report's ``kernel_side``: results, tasks,
+    files) compared with the model under ``profile``: the end-state rows
+    `validate` would have printed had the kernel resolved to it. Episode
+    rules need the episodes, which a report does not keep: they are not
+    rechecked."""
+    from types import SimpleNamespace
+    kernel = SimpleNamespace(results=list(kernel_side.get("results") or []),
+                             tasks=dict(kernel_side.get("tasks") or {}), files=dict(kernel_side.get("files") or {}))
+    return compare(plan, kernel, run_model(plan, profile), profile_name=getattr(profile, "name", str(profile)))

@@ -67,6 +67,7 @@ class ScenarioReport:
     error: str | None = None
     kernel: KernelRun | None = None
     divergences: list = field(default_factory=list)   # [(check, reason, detail)]
+    text: str = ""                                     # the scenario file as run
 
     @property
     def verdict(self) -> str:
@@ -83,7 +84,11 @@ class ScenarioReport:
                 "episodes": len(self.kernel.episodes) if self.kernel else 0,
                 "episodes_by_kind": _by_kind(self.kernel.episodes) if self.kernel else {},
                 "divergences": [{"check": c, "reason": r, "detail": d} for c, r, d in self.divergences],
-                "seconds": round(self.kernel.seconds, 1) if self.kernel else 0.0}
+                "seconds": round(self.kernel.seconds, 1) if self.kernel else 0.0,
+                # what `validate --recheck` compares with another profile's model, offline
+                "source": self.text if self.kernel else None,
+                "kernel_side": {"results": self.kernel.results, "tasks": self.kernel.tasks,
+                                "files": self.kernel.files} if self.kernel else None}
 
 
 def _by_kind(episodes) -> dict:
@@ -115,7 +120,7 @@ class Validator:
             with open(path, encoding="utf-8") as f:
                 text = f.read()
         plan = load_plan(text, name)   # PlanError: a usage error, raised to the caller
-        rep = ScenarioReport(name, plan.description)
+        rep = ScenarioReport(name, plan.description, text=text)
         why = not_applicable(plan, self.facts)
         if why:
             rep.not_applicable = why

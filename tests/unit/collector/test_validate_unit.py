@@ -182,3 +182,31 @@ def test_table_fits_80_columns():
     text = format_table([rep, na], "header")
     assert all(len(line) <= 80 for line in text.splitlines())
     assert "1 disagree, 1 n/a" in text and "not applicable: needs swap" in text and "ops[7]" in text
+
+
+def test_recheck_a_report_under_other_profiles(tmp_path, capsys):
+    """validate --recheck: a report's kernel side against another profile's
+    model; here a kernel side that behaves as 7.3.4 (the model's own run)."""
+    import json
+
+    from memcgscope.collector.cli import main
+    from memcgscope.collector.validate.compare import recheck
+    p = plan("thp-rejected-v2.toml")
+    seven_three = run_model(p, get_profile("7.3"))
+    side = {"results": seven_three.results, "tasks": seven_three.tasks, "files": seven_three.files}
+    assert {r.verdict for r in recheck(p, side, get_profile("7.3"))} == {"agree"}
+    bad = [r for r in recheck(p, side, get_profile("7.2")) if r.verdict == "disagree"]
+    assert [r.field for r in bad] == ["app memory.events max", "app memory.events.local max"]
+    assert {(r.kernel, r.model) for r in bad} == {(1, 0)}
+    report = tmp_path / "r.json"
+    report.write_text(json.dumps({"kernel": "7.3.4+deb13-amd64", "profile": "7.3", "scenarios": [
+        {"scenario": p.name, "source": p.text, "kernel_side": side},
+        {"scenario": "v1-memsw.toml", "not_applicable": "a cgroup v1 scenario", "kernel_side": None}]}))
+    assert main(["validate", "--recheck", str(report)]) == 0
+    capsys.readouterr()
+    assert main(["validate", "--recheck", str(report), "--profile", "7.2", "--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["profile"] == "7.2" and doc["recorded_profile"] == "7.3" and not doc["agree"]
+    assert [s["verdict"] for s in doc["scenarios"]] == ["disagree", "n/a"]
+    assert main(["validate", "--recheck", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Turn a VM probe artifact (/tmp/memcgscope-artifacts/probes-<guest>-<mode>.json:
+"""Turn a VM probe artifact (/tmp/memcgscope-artifacts/<guest>/probes-<mode>.json,
+or the older flat probes-<guest>-<mode>.json:
 {"episodes": [...], "probes": [...], "version": "v1"|"v2", "mode", "lost",
 "kernel", "kernel_version", "profile", ...}) into a recording (written
 with the contract's RecordingWriter: header, episodes, lost lines,
@@ -36,6 +37,17 @@ def shape(ep):
             tuple(s.get("kind") for s in ep.get("steps") or ()), ep.get("ret"))
 
 
+def guest_of(artifact: Path) -> str:
+    m = re.match(r"probes-(.+)-(kprobe|fentry|tracepoint)\.json$", artifact.name)
+    if m:
+        return m.group(1)
+    return artifact.parent.name   # <guest>/probes-<mode>.json
+
+
+def mode_of(artifact: Path) -> str:
+    return artifact.stem.rsplit("-", 1)[-1]
+
+
 def kernel_of(artifact: Path, guest: str) -> str | None:
     doctor = artifact.with_name(f"doctor-{guest}.txt")
     if doctor.exists():
@@ -47,8 +59,7 @@ def kernel_of(artifact: Path, guest: str) -> str | None:
 
 def convert(artifact: Path, kernel: str | None, per_shape: int) -> str:
     data = json.loads(artifact.read_text())
-    m = re.match(r"probes-(.+)-(kprobe|fentry|tracepoint)\.json$", artifact.name)
-    guest = m.group(1) if m else artifact.stem
+    guest = guest_of(artifact)
     kernel = kernel or data.get("kernel") or kernel_of(artifact, guest)
     if not kernel:
         raise SystemExit(f"{artifact}: no kernel release; pass --kernel or put doctor-{guest}.txt next to it")
@@ -90,7 +101,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="default: <guest>-<mode>.jsonl next to this script")
     a = ap.parse_args(argv)
     text = convert(a.artifact, a.kernel, a.per_shape)
-    out = a.out or Path(__file__).with_name(a.artifact.name.removeprefix("probes-").removesuffix(".json") + ".jsonl")
+    out = a.out or Path(__file__).with_name(f"{guest_of(a.artifact)}-{mode_of(a.artifact)}.jsonl")
     out.write_text(text)
     print(f"{out}: {text.count(chr(10)) - 2} episodes, {out.stat().st_size} bytes", file=sys.stderr)
     return 0
