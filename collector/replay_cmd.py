@@ -7,8 +7,12 @@ resolved, so a recording replays as it was checked live; recordings older
 than that field get the same resolver over the header's kernel release and
 uname -v.  `--profile` overrides.  Every episode goes through the same
 check pipeline `run` uses; a summary (or JSON with --json) says how many
-checks passed and which divergences were found.  Exit status: 0 no
-divergence, 1 divergences, 2 bad input or usage.
+checks passed and which divergences were found, and per cgroup its
+episodes, reclaims, OOM kills and victims and divergences.  Cgroups are
+named from the recording alone (its cgroup lines: path and workload as
+the recording host saw them), never from this host; a recording without
+names (schema /1) shows ids.  Exit status: 0 no divergence, 1
+divergences, 2 bad input or usage.
 """
 
 from __future__ import annotations
@@ -68,6 +72,63 @@ def profile_of(recording, override: str | None):
         raise RecordingError(f"{name}:1: kernel {h['kernel']!r}: {e}; pass --profile") from None
 
 
+#: cgroups listed in the text summary (--json lists all)
+TOP_CGROUPS = 20
+
+
+def cgroup_name(recording, cgid) -> dict:
+    """How a recording names cgroup ``cgid``: ``{"id", "path", "workload",
+    "identity", "named"}`` from its cgroup line; ``named`` false (path
+    null) when it has none, and path null with ``named`` true when the
+    recorder could not resolve the id (the cgroup was already removed)."""
+    from .identity import LABELS, Identity
+    line = recording.cgroups.get(cgid) if isinstance(cgid, int) else None
+    if line is None:
+        return {"id": cgid, "path": None, "workload": "", "identity": {}, "named": False}
+    identity = line["identity"]
+    workload = Identity(**{k: v for k, v in identity.items() if k in LABELS}).workload if line["path"] else ""
+    return {"id": cgid, "path": line["path"], "workload": workload, "identity": identity, "named": True}
+
+
+def shown(name: dict) -> str:
+    """A cgroup as the text output shows it: its path, else its id."""
+    if name["path"]:
+        return name["path"]
+    return f"id {name['id']}" + (" (gone)" if name["named"] else "")
+
+
+def _tally(ep: dict, rows: dict) -> None:
+    """Counts one episode into the per-cgroup rows (id -> counters)."""
+    from memcgscope.probes.episodes import cgroup_ids
+
+    def row(cgid):
+        return rows.setdefault(cgid, {"episodes": 0, "reclaims": 0, "oom_kills": 0, "oom_victims": 0,
+                                      "divergences": 0})
+    for cgid in cgroup_ids(ep):
+        row(cgid)
+    kind = ep.get("kind")
+    cgid = ep.get("cgroup_id")
+    row(cgid)["episodes"] += 1
+    if kind == "reclaim":
+        row(cgid)["reclaims"] += 1
+    kills = [ep] if kind == "oom_kill" else []
+    for s in ep.get("steps") or ():
+        if not isinstance(s, dict):
+            continue
+        if s.get("kind") == "reclaim":
+            row(s.get("cgroup_id"))["reclaims"] += 1
+        elif s.get("kind") == "oom_kill":
+            kills.append(s)
+    for k in kills:
+        row(k.get("cgroup_id"))["oom_kills"] += 1
+        if k.get("victim_cgroup_id") is not None:
+            row(k.get("victim_cgroup_id"))["oom_victims"] += 1
+
+
+def _cell(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 def run(args) -> int:
     import json
 
@@ -95,16 +156,24 @@ def run(args) -> int:
             return _err(f"--divergences {args.divergences}: {e.strerror}; give a writable path")
 
     line_of = {}
+    rows: dict = {}
 
     def write_divergence(d, ep):
+        cgid = ep.get("cgroup_id") if isinstance(ep, dict) else None
+        if cgid in rows:
+            rows[cgid]["divergences"] += 1
         if out is not None:
+            name = cgroup_name(rec, cgid)
             out.write(json.dumps({"type": "divergence", "line": line_of.get(id(ep)), "check": d.check,
-                                  "reason": d.reason, "detail": d.detail, "episode": ep}) + "\n")
+                                  "reason": d.reason, "detail": d.detail,
+                                  "cgroup": {k: name[k] for k in ("id", "path", "workload")},
+                                  "episode": ep}) + "\n")
 
     pipeline = CheckPipeline(resolution.profile, cgroup, memsw, rec.visibility, on_divergence=write_divergence)
     try:
         for no, ep in rec.episodes:
             line_of[id(ep)] = no
+            _tally(ep, rows)
             pipeline.feed(ep)
     finally:
         if out is not None:
@@ -121,6 +190,9 @@ def run(args) -> int:
         "divergences": ndiv,
         "divergences_by_reason": {f"{c}/{r}": n for (c, r), n in sorted(counts.divergences.items())},
         "warnings": rec.warnings + ([resolution.warning] if resolution.warning else []),
+        "cgroup_names": "recording" if rec.named else "none",
+        "cgroups": [{**cgroup_name(rec, cgid), **row} for cgid, row in
+                    sorted(rows.items(), key=lambda x: (-x[1]["episodes"], str(x[0])))],
     }
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -140,4 +212,18 @@ def run(args) -> int:
                 print(f"  {c}/{r}: {n}")
         else:
             print("no divergence")
+        cgroups = summary["cgroups"]
+        if cgroups:
+            where = ("named from the recording" if rec.named
+                     else "ids only: the recording does not name its cgroups")
+            print(f"{len(cgroups)} cgroup{'' if len(cgroups) == 1 else 's'} ({where}):")
+            top = cgroups[:TOP_CGROUPS]
+            # the path last and whole: it is what a user searches for
+            w = min(32, max(len("WORKLOAD"), *(len(c["workload"] or "-") for c in top)))
+            print(f"  {'EPIS':>5} {'RECL':>5} {'KILL':>4} {'VICT':>4} {'DIV':>5}  {'WORKLOAD':<{w}}  CGROUP")
+            for c in top:
+                print(f"  {c['episodes']:>5} {c['reclaims']:>5} {c['oom_kills']:>4} {c['oom_victims']:>4} "
+                      f"{c['divergences']:>5}  {_cell(c['workload'] or '-', w):<{w}}  {shown(c)}")
+            if len(cgroups) > TOP_CGROUPS:
+                print(f"  ... {len(cgroups) - TOP_CGROUPS} more (--json lists every cgroup)")
     return 1 if ndiv else 0

@@ -9,8 +9,8 @@
 * the **episode** JSON form (``Episode.to_json``);
 * **what each mode and probe can see** (``Visibility``): the checks read it,
   never the probe list;
-* the **recording writer and reader** (header, episodes, lost lines,
-  trailer).
+* the **recording writer and reader** (header, cgroup lines naming the
+  ids, episodes, lost lines, trailer).
 
 `record`, `replay`, `run`, `validate` and the test data's make.py use it.
 The format is documented in docs/recording-schema.md.
@@ -23,16 +23,20 @@ import json
 import os
 import struct
 from dataclasses import asdict, dataclass, field
-from typing import IO, Iterable
+from typing import IO, Callable, Iterable
 
-__all__ = ["SCHEMA", "SCHEMAS_READ", "EV", "CALLERS", "LIMIT_KINDS", "EVENT_FIELDS", "EVENT_SIZE",
+__all__ = ["SCHEMA", "SCHEMAS_READ", "SCHEMAS_UNNAMED", "CGROUP_ID_FIELDS", "EV", "CALLERS", "LIMIT_KINDS",
+           "EVENT_FIELDS", "EVENT_SIZE",
            "Event", "RawEvent", "decode", "decode_bytes", "c_definitions", "Episode", "Visibility",
-           "visibility", "make_header", "RecordingWriter", "Recording", "RecordingError",
+           "visibility", "cgroup_ids", "make_header", "RecordingWriter", "Recording", "RecordingError",
            "read_recording", "load_recording"]
 
-SCHEMA = "memcgscope.episodes/1"
-#: schemas this reader accepts
-SCHEMAS_READ = (SCHEMA,)
+#: schemas this reader accepts, oldest first; the last is the one written.
+#: /2 added the cgroup lines (id -> path and identity at recording time)
+SCHEMAS_READ = ("memcgscope.episodes/1", "memcgscope.episodes/2")
+SCHEMA = SCHEMAS_READ[-1]
+#: readable schemas that have no cgroup lines (ids only)
+SCHEMAS_UNNAMED = ("memcgscope.episodes/1",)
 
 
 class EV:
@@ -231,46 +235,114 @@ def visibility(mode: str | None, probes: Iterable) -> Visibility:
 
 # --- recordings ----------------------------------------------------------------
 
+#: the fields of an episode, and of each of its steps, that hold a cgroup id
+#: (a /2 recording names each before the line that first mentions it)
+CGROUP_ID_FIELDS = ("cgroup_id", "victim_cgroup_id")
+
+
+def _is_id(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def cgroup_ids(ep: dict) -> list[int]:
+    """Every cgroup id an episode (its JSON form) mentions, once each, in
+    order: the episode's memcg, an OOM kill's victim, then each step's."""
+    out: list[int] = []
+    for obj in (ep, *(ep.get("steps") or ())):
+        if isinstance(obj, dict):
+            for f in CGROUP_ID_FIELDS:
+                v = obj.get(f)
+                if _is_id(v) and v not in out:
+                    out.append(v)
+    return out
+
+
 def make_header(*, kernel: str, kernel_version: str | None, mode: str | None, cgroup: dict,
                 memsw: bool, probes: Iterable, profile: str | None = None,
                 profile_reason: str | None = None, upstream: str | None = None,
                 memcgscope: str = "", machine: str = "", hostname: str = "",
-                started_unix: float = 0.0, **extra) -> dict:
+                started_unix: float = 0.0, cgroup_names: dict | None = None, **extra) -> dict:
     """The header line.  ``kernel`` is uname -r, ``kernel_version`` uname -v;
-    ``profile`` is what run/record resolved, so replay uses the same."""
+    ``profile`` is what run/record resolved, so replay uses the same.
+    ``cgroup_names``: ``{"relative_to": mount, "source": ...}`` when the
+    recording names its cgroups (cgroup lines, schema /2), None when it
+    holds ids only."""
     probes = [p if isinstance(p, dict) else {"role": p.role, "target": p.target, "kind": p.kind,
                                              "attached": p.attached, "reason": p.reason}
               for p in probes]
+    if cgroup_names is not None and not (isinstance(cgroup_names, dict)
+                                         and isinstance(cgroup_names.get("relative_to"), str)):
+        raise ValueError("cgroup_names must be {'relative_to': <mount point>, ...} or None")
     seen = visibility(mode, probes)
     h = {"type": "header", "schema": SCHEMA, "memcgscope": memcgscope, "kernel": kernel,
          "kernel_version": kernel_version, "upstream": upstream, "profile": profile,
          "profile_reason": profile_reason, "machine": machine, "hostname": hostname, "mode": mode,
          "cgroup": cgroup, "memsw": bool(memsw), "page_size": os.sysconf("SC_PAGE_SIZE"),
          "forced_charges": seen.forced_charges, "visibility": seen.to_json(),
-         "started_unix": started_unix, "probes": probes}
+         "cgroup_names": cgroup_names, "started_unix": started_unix, "probes": probes}
     h.update(extra)
     return h
+
+
+#: what a RecordingWriter asks for a cgroup id: (path relative to the
+#: hierarchy's mount, or None when it could not be resolved; identity labels)
+Names = Callable[[int], "tuple[str | None, dict]"]
 
 
 class RecordingWriter:
     """Writes a recording: the header at once, episodes as they come,
     ``finish()`` writes the lost lines and the trailer.  Every line is
-    flushed at ``flush()`` (the caller's rhythm: once per poll)."""
+    flushed at ``flush()`` (the caller's rhythm: once per poll).
 
-    def __init__(self, out: IO[str], header: dict):
+    ``names``: when the header has ``cgroup_names``, the callable that
+    names a cgroup id; each id an episode mentions gets its cgroup line
+    (once) just before the first line that mentions it, so the name is
+    the one at recording time and a streaming reader has it in time."""
+
+    def __init__(self, out: IO[str], header: dict, names: Names | None = None):
         if header.get("type") != "header" or header.get("schema") != SCHEMA:
             raise ValueError("RecordingWriter needs a header from make_header()")
+        if bool(header.get("cgroup_names")) != (names is not None):
+            raise ValueError("RecordingWriter: give names together with a header that has cgroup_names "
+                             "(make_header(cgroup_names=...)), or neither")
         self.out = out
+        self.names = names
         self.episodes = 0
+        self.cgroups = 0          # cgroup lines written
+        self.unresolved = 0       # of which with path null
         self.finished = False
+        self._named: set[int] = set()
         self._line(header)
         out.flush()
 
     def _line(self, obj: dict) -> None:
         self.out.write(json.dumps(obj, separators=(",", ":")) + "\n")
 
+    def name(self, cgid: int) -> None:
+        """Writes the cgroup line of ``cgid`` unless it was written already
+        (or the recording names no cgroups).  Callers use it for ids they
+        write outside episodes (a trailer's), before writing them."""
+        if self.names is None or cgid in self._named:
+            return
+        if not _is_id(cgid) or cgid < 0:
+            raise ValueError(f"cgroup id {cgid!r}: must be a non-negative integer")
+        path, identity = self.names(cgid)
+        identity = {k: v for k, v in (identity or {}).items() if v}
+        if path is not None and not (isinstance(path, str) and path.startswith("/")):
+            raise ValueError(f"cgroup id {cgid}: path {path!r} must start with '/' (relative to the mount) or be None")
+        if path is None:
+            identity = {}
+            self.unresolved += 1
+        self._named.add(cgid)
+        self._line({"type": "cgroup", "id": cgid, "path": path, "identity": identity})
+        self.cgroups += 1
+
     def episode(self, ep: Episode | dict) -> None:
-        self._line(ep.to_json() if isinstance(ep, Episode) else ep)
+        d = ep.to_json() if isinstance(ep, Episode) else ep
+        if self.names is not None:
+            for cgid in cgroup_ids(d):
+                self.name(cgid)
+        self._line(d)
         self.episodes += 1
 
     def flush(self) -> None:
@@ -287,6 +359,8 @@ class RecordingWriter:
                 self._line({"type": "lost", "cpu": cpu, "events": n})
         trailer = {"type": "trailer", "episodes": self.episodes, "lost_events": sum(lost),
                    "orphan_events": orphans, "events": events, "ended_unix": ended_unix}
+        if self.names is not None:
+            trailer.update(cgroups=self.cgroups, cgroups_unresolved=self.unresolved)
         trailer.update(extra)
         self._line(trailer)
         self.out.flush()
@@ -305,6 +379,15 @@ class Recording:
     lost: dict = field(default_factory=dict)       # cpu -> events
     trailer: dict | None = None
     warnings: list = field(default_factory=list)
+    #: cgroup id -> {"path": str | None, "identity": dict, "line": n} (schema /2)
+    cgroups: dict = field(default_factory=dict)
+    #: mentions of an id in an episode before its cgroup line (each id once per episode)
+    unnamed_mentions: int = 0
+
+    @property
+    def named(self) -> bool:
+        """Whether the recording names its cgroups (cgroup lines)."""
+        return self.header.get("schema") not in SCHEMAS_UNNAMED and bool(self.header.get("cgroup_names"))
 
     @property
     def visibility(self) -> Visibility:
@@ -326,14 +409,36 @@ class Recording:
         return bool(self.header.get("memsw")) and self.cgroup == "v1"
 
 
+def _cgroup_line_error(obj: dict) -> str | None:
+    """What is wrong with a cgroup line, or None."""
+    cgid, path, identity = obj.get("id"), obj.get("path", ...), obj.get("identity", ...)
+    if not _is_id(cgid) or cgid < 0:
+        return f"cgroup line with id {cgid!r}: the id must be a non-negative integer"
+    if path is ...:
+        return f"cgroup line for id {cgid} without 'path' (null when it could not be resolved)"
+    if path is not None and not (isinstance(path, str) and path.startswith("/")):
+        return f"cgroup line for id {cgid}: path {path!r} must start with '/' or be null"
+    if not isinstance(identity, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in identity.items()):
+        return f"cgroup line for id {cgid}: 'identity' must be an object of strings"
+    if path is None and identity:
+        return f"cgroup line for id {cgid}: an identity without a path"
+    return None
+
+
 def read_recording(text: str, name: str = "<recording>") -> Recording:
     """Parses a recording; raises RecordingError.  A truncated last line
-    (a recording cut short) is a warning, not an error."""
+    (a recording cut short) is a warning, not an error.  A malformed or
+    repeated cgroup line is an error; an id mentioned before its cgroup
+    line is a counted warning (that id is shown as an id until named)."""
     lines = text.split("\n")
     ends_with_newline = text.endswith("\n")
     if ends_with_newline:
         lines.pop()
     rec = None
+    named = False
+    first_unnamed = None   # (line, id)
+    unnamed_ids: set = set()
     last = len(lines)
     for no, line in enumerate(lines, 1):
         if not line.strip():
@@ -358,13 +463,35 @@ def read_recording(text: str, name: str = "<recording>") -> Recording:
             if obj.get("schema") not in SCHEMAS_READ:
                 raise RecordingError(f"{name}:{no}: schema {obj.get('schema')!r} is not one this memcgscope "
                                      f"reads ({', '.join(SCHEMAS_READ)}); replay it with the memcgscope that "
-                                     f"recorded it, or record it again")
+                                     f"recorded it (or a newer one), or record it again")
             rec = Recording(name, obj)
+            named = rec.named
             continue
         if kind == "episode":
             if not isinstance(obj.get("kind"), str):
                 raise RecordingError(f"{name}:{no}: episode without a 'kind'; fix or drop the line")
             rec.episodes.append((no, obj))
+            if named:
+                for cgid in cgroup_ids(obj):
+                    if cgid not in rec.cgroups:
+                        rec.unnamed_mentions += 1
+                        unnamed_ids.add(cgid)
+                        if first_unnamed is None:
+                            first_unnamed = (no, cgid)
+        elif kind == "cgroup":
+            if not named:
+                why = (f"a {rec.header.get('schema')} recording has none"
+                       if rec.header.get("schema") in SCHEMAS_UNNAMED else "the header's cgroup_names is null")
+                raise RecordingError(f"{name}:{no}: a cgroup line, but {why}; drop the line, "
+                                     f"or record again for names")
+            problem = _cgroup_line_error(obj)
+            if problem:
+                raise RecordingError(f"{name}:{no}: {problem}; fix or drop the line")
+            seen = rec.cgroups.get(obj["id"])
+            if seen is not None:
+                raise RecordingError(f"{name}:{no}: a second cgroup line for id {obj['id']} (the first is "
+                                     f"line {seen['line']}); drop one")
+            rec.cgroups[obj["id"]] = {"path": obj["path"], "identity": obj["identity"], "line": no}
         elif kind == "lost":
             rec.lost[obj.get("cpu")] = obj.get("events")
         elif kind == "trailer":
@@ -375,6 +502,11 @@ def read_recording(text: str, name: str = "<recording>") -> Recording:
             raise RecordingError(f"{name}:{no}: unknown line type {kind!r}; fix or drop the line")
     if rec is None:
         raise RecordingError(f"{name}: empty, no header line; is this a recording from 'memcgscope record'?")
+    if first_unnamed is not None:
+        at, cgid = first_unnamed
+        rec.warnings.append(f"{name}:{at}: cgroup id {cgid} is mentioned before its cgroup line "
+                            f"({rec.unnamed_mentions} such mentions of {len(unnamed_ids)} ids); "
+                            f"they are shown as ids where no later line names them")
     if rec.trailer is None:
         rec.warnings.append(f"{name}: no trailer line: the recording was cut short "
                             "(episodes after the last line are missing)")

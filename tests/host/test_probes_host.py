@@ -17,6 +17,7 @@ import pytest
 
 from memcgscope.collector.scratch import ScratchCgroup
 from memcgscope.probes.detect import tracefs_mounted
+from memcgscope.probes.episodes import SCHEMA
 from memcgscope.probes.bpfsys import bpf_stats_enabled
 from memcgscope.probes.session import Session, SessionError
 from memcgscope.probes.sysroot import SysRoot
@@ -147,12 +148,18 @@ def test_record_writes_episodes_and_detaches_on_signal(tmp_path, sig):
         if os.path.exists(target):
             os.unlink(target)
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert lines[0]["type"] == "header" and lines[0]["schema"] == "memcgscope.episodes/1"
+    assert lines[0]["type"] == "header" and lines[0]["schema"] == SCHEMA
     assert lines[0]["mode"] == "tracepoint"
     assert lines[-1]["type"] == "trailer"
     eps = [ln for ln in lines if ln["type"] == "episode"]
     assert lines[-1]["episodes"] == len(eps)
     assert any(e["kind"] == "reclaim" and e["cgroup_id"] == cg.inode for e in eps)
+    # the scratch cgroup is named, by its path below the memory mount, before its first episode
+    mount = lines[0]["cgroup_names"]["relative_to"]
+    named = [i for i, ln in enumerate(lines) if ln["type"] == "cgroup" and ln["id"] == cg.inode]
+    assert len(named) == 1 and lines[named[0]]["path"] == cg.path[len(mount):]
+    assert named[0] < min(i for i, ln in enumerate(lines) if ln.get("cgroup_id") == cg.inode)
+    assert lines[-1]["cgroups"] == sum(1 for ln in lines if ln["type"] == "cgroup")
     assert new_programs_after_grace(before) == set()
 
 

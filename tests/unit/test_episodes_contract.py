@@ -128,3 +128,210 @@ def test_committed_recordings_read_and_assemble():
         rec = E.load_recording(str(path))
         assert rec.episodes and rec.trailer is not None and rec.warnings == [], path.name
     assert EpisodeAssembler(memsw=False).flush() == []
+
+
+# --- cgroup names (schema /2) ----------------------------------------------------
+
+NAMES = {"relative_to": "/sys/fs/cgroup", "source": "cgroupfs"}
+PATHS = {10: "/a.slice", 11: "/a.slice/b.service", 12: "/a.slice/c.service", 0: "/"}
+
+
+def fake_names(asked=None):
+    """Machine A's resolver: PATHS, anything else already removed."""
+    def names(cgid):
+        if asked is not None:
+            asked.append(cgid)
+        path = PATHS.get(cgid)
+        return path, ({"unit": path.rsplit("/", 1)[1]} if path and path.endswith(".service") else {})
+    return names
+
+
+def kill_episodes():
+    """A charge of b whose OOM (at a) kills a task of c, then b's reclaim
+    of a cgroup 99 that is gone, and b again."""
+    return [
+        {"type": "episode", "kind": "charge", "cgroup_id": 11, "steps": [
+            {"kind": "counter_fail", "cgroup_id": 10},
+            {"kind": "oom", "cgroup_id": 10},
+            {"kind": "oom_kill", "cgroup_id": 10, "victim_pid": 5, "victim_cgroup_id": 12}], "ret": 0},
+        {"type": "episode", "kind": "oom_kill", "cgroup_id": 10, "victim_pid": 6, "victim_cgroup_id": 12,
+         "steps": [], "ret": 0},
+        {"type": "episode", "kind": "charge", "cgroup_id": 11, "steps": [
+            {"kind": "reclaim", "cgroup_id": 99}, {"kind": "drain", "cgroup_id": None}], "ret": 0},
+        {"type": "episode", "kind": "charge", "cgroup_id": 0, "steps": [], "ret": 0},
+    ]
+
+
+def written(episodes, names=None):
+    buf = io.StringIO()
+    w = E.RecordingWriter(buf, header(cgroup_names=NAMES), names or fake_names())
+    for ep in episodes:
+        w.episode(ep)
+    w.finish([0])
+    return buf.getvalue()
+
+
+def unnamed_mentions(text):
+    """Independent of the writer's list of id fields: every value of a key
+    named ``cgroup_id`` or ``*_cgroup_id``, anywhere in a line, must have
+    had its cgroup line earlier.  → [(line, id)] that did not."""
+    named, missing = set(), []
+
+    def walk(obj, no):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                if (k == "cgroup_id" or k.endswith("_cgroup_id")) and isinstance(v, int) and v not in named:
+                    missing.append((no, v))
+                walk(v, no)
+        elif isinstance(obj, list):
+            for v in obj:
+                walk(v, no)
+
+    for no, line in enumerate(text.splitlines(), 1):
+        obj = json.loads(line)
+        if obj["type"] == "cgroup":
+            named.add(obj["id"])
+        else:
+            walk(obj, no)
+    return missing
+
+
+def test_every_id_is_named_once_before_its_first_mention():
+    asked = []
+    text = written(kill_episodes(), fake_names(asked))
+    assert unnamed_mentions(text) == []
+    lines = [json.loads(x) for x in text.splitlines()]
+    cg = [x for x in lines if x["type"] == "cgroup"]
+    assert [x["id"] for x in cg] == [11, 10, 12, 99, 0] == asked       # once each, first mention first
+    assert cg[0] == {"type": "cgroup", "id": 11, "path": "/a.slice/b.service", "identity": {"unit": "b.service"}}
+    assert cg[3] == {"type": "cgroup", "id": 99, "path": None, "identity": {}}   # tried: already removed
+    assert [x["type"] for x in lines[:5]] == ["header", "cgroup", "cgroup", "cgroup", "episode"]
+    assert lines[-1]["cgroups"] == 5 and lines[-1]["cgroups_unresolved"] == 1
+    rec = E.read_recording(text, "x.jsonl")
+    assert rec.named and rec.warnings == [] and rec.unnamed_mentions == 0
+    assert {i: c["path"] for i, c in rec.cgroups.items()} == {**{i: PATHS[i] for i in (0, 10, 11, 12)}, 99: None}
+
+
+def test_the_check_catches_a_writer_that_forgets_victims_or_steps(monkeypatch):
+    """unnamed_mentions above is what fails if the writer forgets an id field."""
+    monkeypatch.setattr(E, "CGROUP_ID_FIELDS", ("cgroup_id",))        # forgets victim_cgroup_id
+    text = written(kill_episodes())
+    assert unnamed_mentions(text) == [(4, 12), (5, 12)]      # the step's victim, the episode's victim
+    monkeypatch.undo()
+    rec = E.read_recording(text, "x.jsonl")
+    assert rec.unnamed_mentions == 2
+    assert "x.jsonl:4: cgroup id 12 is mentioned before its cgroup line" in rec.warnings[0]
+
+    monkeypatch.setattr(E, "cgroup_ids", lambda ep: [ep["cgroup_id"]])   # forgets the steps
+    text = written(kill_episodes())
+    assert unnamed_mentions(text) == [(3, 10), (3, 10), (3, 10), (3, 12), (5, 12), (6, 99)]
+    monkeypatch.undo()
+    assert E.read_recording(text, "x.jsonl").unnamed_mentions == 4     # each id once per episode
+
+
+def test_writer_names_an_id_once_even_when_asked_again():
+    asked = []
+    buf = io.StringIO()
+    w = E.RecordingWriter(buf, header(cgroup_names=NAMES), fake_names(asked))
+    ep = {"type": "episode", "kind": "oom_kill", "cgroup_id": 10, "victim_pid": 1, "victim_cgroup_id": 10,
+          "steps": [{"kind": "oom_kill", "cgroup_id": 10, "victim_cgroup_id": 10}]}
+    for _ in range(3):
+        w.episode(ep)
+        w.name(10)
+    w.name(99)
+    w.name(99)
+    assert asked == [10, 99]
+    assert buf.getvalue().count('"type":"cgroup"') == 2
+
+
+def test_writer_refuses_names_that_do_not_fit():
+    with pytest.raises(ValueError, match="give names together with a header that has cgroup_names"):
+        E.RecordingWriter(io.StringIO(), header(cgroup_names=NAMES))
+    with pytest.raises(ValueError, match="give names together"):
+        E.RecordingWriter(io.StringIO(), header(), fake_names())
+    with pytest.raises(ValueError, match="cgroup_names must be"):
+        header(cgroup_names={"source": "x"})
+    w = E.RecordingWriter(io.StringIO(), header(cgroup_names=NAMES), lambda cgid: ("a.slice", {}))
+    with pytest.raises(ValueError, match="path 'a.slice' must start with '/'"):
+        w.episode({"type": "episode", "kind": "charge", "cgroup_id": 3, "steps": []})
+
+
+def test_a_writer_without_names_writes_ids_only():
+    buf = io.StringIO()
+    w = E.RecordingWriter(buf, header())
+    for ep in kill_episodes():
+        w.episode(ep)
+    w.finish([0])
+    rec = E.read_recording(buf.getvalue(), "x.jsonl")
+    assert rec.header["schema"] == E.SCHEMA and rec.header["cgroup_names"] is None
+    assert not rec.named and rec.cgroups == {} and rec.warnings == []
+    assert "cgroups" not in rec.trailer
+
+
+def test_cgroup_ids_of_an_episode():
+    assert [E.cgroup_ids(ep) for ep in kill_episodes()] == [[11, 10, 12], [10, 12], [11, 99], [0]]
+    assert E.cgroup_ids({"cgroup_id": True, "steps": [None, {"cgroup_id": "7"}]}) == []
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"type": "cgroup", "id": "10", "path": "/a", "identity": {}}', "with id '10': the id must be a non-negative"),
+    ('{"type": "cgroup", "id": -1, "path": "/a", "identity": {}}', "with id -1"),
+    ('{"type": "cgroup", "id": true, "path": "/a", "identity": {}}', "with id True"),
+    ('{"type": "cgroup", "id": 10, "identity": {}}', "for id 10 without 'path'"),
+    ('{"type": "cgroup", "id": 10, "path": "a.slice", "identity": {}}', "path 'a.slice' must start with '/'"),
+    ('{"type": "cgroup", "id": 10, "path": "/a"}', "'identity' must be an object of strings"),
+    ('{"type": "cgroup", "id": 10, "path": "/a", "identity": ["x"]}', "'identity' must be an object of strings"),
+    ('{"type": "cgroup", "id": 10, "path": "/a", "identity": {"pod": 3}}', "'identity' must be an object"),
+    ('{"type": "cgroup", "id": 10, "path": null, "identity": {"unit": "x"}}', "an identity without a path"),
+])
+def test_a_malformed_cgroup_line_is_an_error(line, message):
+    text = json.dumps(header(cgroup_names=NAMES)) + "\n" + line + "\n"
+    with pytest.raises(E.RecordingError) as e:
+        E.read_recording(text, "x.jsonl")
+    assert str(e.value).startswith("x.jsonl:2: cgroup line ") and message in str(e.value)
+    assert "fix or drop the line" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cgroup_lines_where_the_header_has_none_and_repeated_lines_are_errors():
+    line = '{"type": "cgroup", "id": 10, "path": "/a", "identity": {}}'
+    v1 = dict(header(), schema="memcgscope.episodes/1")
+    del v1["cgroup_names"]
+    for h, message in ((v1, "x.jsonl:2: a cgroup line, but a memcgscope.episodes/1 recording has none"),
+                       (header(), "x.jsonl:2: a cgroup line, but the header's cgroup_names is null"),
+                       (header(cgroup_names=NAMES), "x.jsonl:3: a second cgroup line for id 10 (the first is line 2)")):
+        text = json.dumps(h) + "\n" + line + "\n" + line + "\n"
+        with pytest.raises(E.RecordingError, match=re.escape(message)):
+            E.read_recording(text, "x.jsonl")
+
+
+def test_an_id_mentioned_before_its_line_is_a_counted_warning():
+    lines = written(kill_episodes()).splitlines()
+    # move b's line (id 11) below the first episode; drop c's (12) altogether
+    b = lines.pop(1)
+    lines = [x for x in lines if '"id":12,' not in x]
+    first = next(i for i, x in enumerate(lines) if '"type":"episode"' in x)
+    lines.insert(first + 1, b)
+    rec = E.read_recording("\n".join(lines) + "\n", "x.jsonl")
+    assert rec.unnamed_mentions == 3          # 11 and 12 in the first episode, 12 in the second
+    (w,) = rec.warnings
+    assert w.startswith(f"x.jsonl:{first + 1}: cgroup id 11 is mentioned before its cgroup line "
+                        "(3 such mentions of 2 ids)")
+    assert rec.cgroups[11]["path"] == "/a.slice/b.service" and 12 not in rec.cgroups
+
+
+def test_an_unknown_schema_is_one_line_naming_the_file_the_line_and_the_fix():
+    h = dict(header(), schema="memcgscope.episodes/3")
+    with pytest.raises(E.RecordingError) as e:
+        E.read_recording(json.dumps(h) + "\n", "x.jsonl")
+    msg = str(e.value)
+    assert msg.startswith("x.jsonl:1: schema 'memcgscope.episodes/3' is not one this memcgscope reads "
+                          "(memcgscope.episodes/1, memcgscope.episodes/2)")
+    assert "record it again" in msg and "\n" not in msg
+
+
+def test_schema_versions_are_declared_in_one_place():
+    assert E.SCHEMA == E.SCHEMAS_READ[-1] == "memcgscope.episodes/2"
+    assert set(E.SCHEMAS_UNNAMED) < set(E.SCHEMAS_READ)
+    for path in sorted(RECORDINGS.glob("*.jsonl")):      # the committed recordings are /1: ids only
+        rec = E.load_recording(str(path))
+        assert rec.header["schema"] in E.SCHEMAS_UNNAMED and not rec.named and rec.cgroups == {}

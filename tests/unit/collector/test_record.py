@@ -75,8 +75,17 @@ class FakeSession:
         return [0, 2]
 
 
-def record(monkeypatch, *argv):
-    monkeypatch.setattr("memcgscope.probes.session.Session", FakeSession)
+def no_hierarchy():
+    from memcgscope.collector.cgroups import CgroupError
+    raise CgroupError("no memory cgroup hierarchy in /proc/mounts (a test)")
+
+
+def record(monkeypatch, *argv, session=FakeSession, names=no_hierarchy):
+    """`memcgscope record` with a stand-in session; ``names``: what
+    record_cmd.host_names does (default: no memory hierarchy, ids only;
+    these tests never read the host's cgroupfs)."""
+    monkeypatch.setattr("memcgscope.probes.session.Session", session)
+    monkeypatch.setattr(record_cmd, "host_names", names)
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="command")
     record_cmd.add_parser(sub)
@@ -115,6 +124,16 @@ def test_check_runs_the_pipeline(monkeypatch, tmp_path, capsys):
     # a wrong profile makes the same episodes diverge
     assert record(monkeypatch, "--check", "--profile", "5.15", "--out", out) == 1
     assert "counter_mismatch" in capsys.readouterr().err
+
+
+def test_without_a_memory_hierarchy_the_recording_holds_ids_only(monkeypatch, tmp_path, capsys):
+    out = tmp_path / "rec.jsonl"
+    assert record(monkeypatch, "--out", out) == 0
+    assert "the recording holds cgroup ids only" in capsys.readouterr().err
+    rec = read_recording(out.read_text(), str(out))
+    assert rec.header["cgroup_names"] is None and not rec.named and rec.cgroups == {}
+    assert len(rec.episodes) == 20 and rec.warnings == []
+    assert '"type":"cgroup"' not in out.read_text()
 
 
 def test_bad_arguments(monkeypatch, tmp_path, capsys):

@@ -16,6 +16,12 @@ lose their ts_ns and duration_ns, which no check reads); except that
 every episode of a workload whose cgroupfs counters the artifact carries
 (failcnt_delta, events) is kept, and the workloads go to the trailer, so
 the aggregate checks can be tested against the real counters.
+
+When the artifact has a ``cgroups`` map ({id: path relative to the guest's
+memory hierarchy mount}), the recording names its cgroups: a cgroup line
+per id mentioned (path from the map, identity derived from the path; an
+id missing from the map gets path null), as `memcgscope record` writes
+them.  Without the map it holds ids only.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[4]))
 
+from memcgscope.collector.identity import identify  # noqa: E402
 from memcgscope.probes.episodes import RecordingWriter, make_header  # noqa: E402
 
 
@@ -57,6 +64,29 @@ def kernel_of(artifact: Path, guest: str) -> str | None:
     return None
 
 
+def names_of(artifact: Path, data: dict):
+    """The artifact's ``cgroups`` map as RecordingWriter names, or None."""
+    table = data.get("cgroups")
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise SystemExit(f"{artifact}: 'cgroups' must map cgroup ids to paths, not a {type(table).__name__}")
+    paths = {}
+    for k, v in table.items():
+        try:
+            cgid = int(k)
+        except ValueError:
+            raise SystemExit(f"{artifact}: cgroups key {k!r} is not a cgroup id; give {{id: path}}") from None
+        if v is not None and not (isinstance(v, str) and v.startswith("/")):
+            raise SystemExit(f"{artifact}: cgroups[{k}] = {v!r}: a path relative to the mount starts with '/'")
+        paths[cgid] = v
+
+    def names(cgid):
+        path = paths.get(cgid)
+        return path, (identify(path).labels() if path else {})
+    return names
+
+
 def convert(artifact: Path, kernel: str | None, per_shape: int) -> str:
     data = json.loads(artifact.read_text())
     guest = guest_of(artifact)
@@ -66,13 +96,16 @@ def convert(artifact: Path, kernel: str | None, per_shape: int) -> str:
     version = data["version"]
     eps = data["episodes"]
     memsw = any("memsw_usage" in (e.get("entry") or e.get("exit") or {}) for e in eps)
+    names = names_of(artifact, data)
+    mount = "/run/memcg-v1" if version == "v1" else "/sys/fs/cgroup"
     header = make_header(
         kernel=kernel, kernel_version=data.get("kernel_version"), upstream=data.get("upstream"),
         profile=data.get("profile"), profile_reason=data.get("profile_reason"), mode=data.get("mode"),
-        cgroup={"v1_memory": "/run/memcg-v1" if version == "v1" else None, "v2_mount": "/sys/fs/cgroup",
+        cgroup={"v1_memory": mount if version == "v1" else None, "v2_mount": "/sys/fs/cgroup",
                 "v2_memory": version == "v2", "swap_accounting": memsw},
         memsw=memsw, probes=data.get("probes", []), memcgscope="0.1.0", machine="x86_64", hostname=guest,
-        source=artifact.name)
+        source=artifact.name,
+        cgroup_names={"relative_to": mount, "source": "artifact"} if names is not None else None)
     workloads = data.get("workloads") or {}
     whole = {w["cgroup_id"] for w in workloads.values()
              if isinstance(w, dict) and (w.get("events") or w.get("failcnt_delta") is not None)}
@@ -85,9 +118,12 @@ def convert(artifact: Path, kernel: str | None, per_shape: int) -> str:
                                for st in e.get("steps") or ()])
             kept.append(e)
     buf = io.StringIO()
-    w = RecordingWriter(buf, header)
+    w = RecordingWriter(buf, header, names)
     for e in kept:
         w.episode(e)
+    for wl in workloads.values():   # the trailer mentions them: named before it
+        if isinstance(wl, dict) and isinstance(wl.get("cgroup_id"), int):
+            w.name(wl["cgroup_id"])
     w.finish(data.get("lost") or [], orphans=data.get("orphans", 0), events=None,
              episodes_in_artifact=len(eps), workloads=workloads)
     return buf.getvalue()
@@ -103,7 +139,8 @@ def main(argv=None) -> int:
     text = convert(a.artifact, a.kernel, a.per_shape)
     out = a.out or Path(__file__).with_name(f"{guest_of(a.artifact)}-{mode_of(a.artifact)}.jsonl")
     out.write_text(text)
-    print(f"{out}: {text.count(chr(10)) - 2} episodes, {out.stat().st_size} bytes", file=sys.stderr)
+    n = text.count('"type":"episode"')   # the writer's compact separators
+    print(f"{out}: {n} episodes, {out.stat().st_size} bytes", file=sys.stderr)
     return 0
 
 
