@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the three test tiers need on top of setup.sh: QEMU, a static
-# busybox, udev, virtme-ng, Prometheus (its service is not started), and the
+# busybox, udev, virtme-ng, Prometheus (its service is not started), Podman
+# with runc (tests/host/test_podman_host.py; nothing is pulled), and the
 # guest kernels of tests/vm/harness.py, fetched into /var/cache/memcgscope
 # by collector/kernels.py (downloaded and unpacked, never installed).
 set -euo pipefail
@@ -15,6 +16,11 @@ need_root
 # linux-image packages via initramfs-tools).
 without_service_start apt_install prometheus udev
 apt_install qemu-system-x86 busybox-static kmod vagrant
+# Podman 4.3 (Depends: conmon, crun, containers-common, CNI plugins) and runc: crun 1.8
+# refuses a v1 host whose cgroup2 mount offers a controller ("cgroups in hybrid mode not
+# supported"), runc does not. No catatonit/tini: the test uses no --init. The package
+# enables podman.service/.socket; they are not started.
+without_service_start apt_install podman runc
 pip_install_project "[test]"
 
 # Guest kernels: one fetch per kernel of the guest table (a second run finds
