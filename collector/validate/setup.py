@@ -79,13 +79,7 @@ class Environment:
 
 @contextlib.contextmanager
 def environment(args, sysroot: SysRoot | None = None):
-    from memcgscope.probes.detect import detect
-    from memcgscope.probes.session import Session, SessionError
-
     from ..cgroups import CgroupError, resolver_for
-    from ..pipeline import CheckPipeline
-    from ..run_cmd import resolution_for
-    from .suite import Facts, Validator
 
     sysroot = sysroot or SysRoot("/")
     try:
@@ -105,16 +99,87 @@ def environment(args, sysroot: SysRoot | None = None):
                          f"cgroups only below your own; pass --parent DIR to name where they may go")
     else:
         parent = own
-    if version == "v2":
-        try:   # `parent` is a real directory (own is already below the sysroot)
-            with open(os.path.join(parent, "cgroup.subtree_control")) as f:
-                enabled = f.read().split()
+    leaf = None
+    if version == "v2" and "memory" not in _subtree(parent):
+        if args.parent:
+            raise SetupError(f"--parent {parent}: the memory controller is not enabled for its children "
+                             f"(cgroup.subtree_control); echo +memory there, or give another parent")
+        leaf = _own_leaf(own)
+    try:
+        yield from _environment(args, sysroot, hierarchy, resolver, version, own, parent)
+    finally:
+        if leaf is not None:
+            _leave_leaf(own, leaf)
+
+
+def _subtree(path: str) -> list[str]:
+    try:
+        with open(os.path.join(path, "cgroup.subtree_control")) as f:
+            return f.read().split()
+    except OSError:
+        return []
+
+
+def _procs(path: str) -> list[int]:
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            return [int(x) for x in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _own_leaf(own: str) -> str:
+    """cgroup v2 lets a cgroup enable controllers for its children only
+    while no process is in it ("no internal processes"). When memcgscope is
+    alone in its own cgroup (``systemd-run --scope -p Delegate=yes
+    memcgscope validate``), it moves itself into a leaf it makes there and
+    enables the memory controller for the scenarios' siblings; undone on
+    exit (_leave_leaf)."""
+    others = [p for p in _procs(own) if p != os.getpid()]
+    if others:
+        raise SetupError(f"{own}: the memory controller is not enabled for its children (cgroup.subtree_control) "
+                         f"and {len(others)} other process(es) share this cgroup; run memcgscope alone in a "
+                         f"delegated cgroup (systemd-run --scope -p Delegate=yes memcgscope validate ...) or pass "
+                         f"--parent with a cgroup whose children have the memory controller")
+    leaf = os.path.join(own, f"memcgscope-self-{os.getpid()}")
+    try:
+        os.mkdir(leaf)
+        with open(os.path.join(leaf, "cgroup.procs"), "w") as f:
+            f.write("0")
+        with open(os.path.join(own, "cgroup.subtree_control"), "w") as f:
+            f.write("+memory")
+    except OSError as e:
+        _leave_leaf(own, leaf)
+        raise SetupError(f"{own}: could not enable the memory controller for its children ({e.strerror}); "
+                         f"run from a delegated cgroup (systemd-run --scope -p Delegate=yes ...) or pass "
+                         f"--parent") from None
+    return leaf
+
+
+def _leave_leaf(own: str, leaf: str) -> None:
+    """Back as found: the controller off again, this process back in its
+    cgroup, the leaf removed (the scratch cgroups are gone by now)."""
+    for path, text in ((os.path.join(own, "cgroup.subtree_control"), "-memory"),
+                       (os.path.join(own, "cgroup.procs"), "0")):
+        try:
+            with open(path, "w") as f:
+                f.write(text)
         except OSError:
-            enabled = []
-        if "memory" not in enabled:
-            raise SetupError(f"{parent}: the memory controller is not enabled for its children "
-                             f"(cgroup.subtree_control); run from a delegated cgroup (systemd-run --scope "
-                             f"-p Delegate=yes ...) or pass --parent with one")
+            pass
+    try:
+        os.rmdir(leaf)
+    except OSError:
+        pass
+
+
+def _environment(args, sysroot, hierarchy, resolver, version, own, parent):
+    from memcgscope.probes.detect import detect
+    from memcgscope.probes.session import Session, SessionError
+
+    from ..pipeline import CheckPipeline
+    from ..run_cmd import resolution_for
+    from .suite import Facts, Validator
+
     problem = workdir_problem(args.workdir, sysroot)
     if problem:
         raise SetupError(problem)

@@ -21,4 +21,7 @@ def test_vagrantfile_validates():
 def test_provisioning_uses_the_project_setup():
     text = open(os.path.join(VAGRANT_DIR, "provision.sh")).read()
     assert "bash scripts/setup.sh" in text
+    # then validate, alone in a delegated scope (collector/validate/setup.py _own_leaf)
+    assert "systemd-run --scope --quiet -p Delegate=yes .venv/bin/memcgscope validate" in text
+    assert text.index("bash scripts/setup.sh") < text.index("memcgscope validate \\\n")
     assert subprocess.run(["bash", "-n", os.path.join(VAGRANT_DIR, "provision.sh")]).returncode == 0

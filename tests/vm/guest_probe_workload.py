@@ -104,9 +104,13 @@ def disk_backed_dir() -> str:
     return mnt
 
 
+CGROUPS: dict = {}   # id -> path relative to the mount, for the recording's cgroup lines
+
+
 def watch(cg):
     """Makes the collector watch a new scratch cgroup and take its cgroupfs
     baseline, so the next tick checks the workload's deltas."""
+    CGROUPS[str(cg.inode)] = "/" + os.path.relpath(cg.path, DAEMON.watch.resolver.mountpoint)
     DAEMON.watch.resolver.rescan()
     DAEMON.watch.observe(cg.inode)
     DAEMON.tick()
@@ -219,6 +223,7 @@ def main() -> int:
         result["lost"] = s.lost()
         result["orphans"] = s.assembler.orphans
     result["episodes"] = [e.to_json() for e in episodes]
+    result["cgroups"] = CGROUPS
     if jsonl:
         with open(jsonl, "w") as f:
             for e in result["episodes"]:

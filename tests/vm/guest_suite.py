@@ -9,6 +9,7 @@ Steps (default: all, in this order):
   kprobe   guest_probe_workload.py kprobe -> probes-kprobe.json, episodes-kprobe.jsonl
   fentry   guest_probe_workload.py fentry -> probes-fentry.json, episodes-fentry.jsonl
   node     guest_node_workload.py (memcgscope run, scraped) -> node.json
+  delegated  guest_delegated.py (validate alone in a v2 cgroup) -> delegated.json
 OUTDIR/steps.json: each step's exit status and seconds. `validate` runs
 after this script (collector/validate/vm.py's guest_command: it turns swap
 on, which the steps here must not have).
@@ -37,6 +38,7 @@ STEPS = {
     "fentry": (lambda o: f"{PY} {HERE}/guest_probe_workload.py fentry {o}/probes-fentry.json "
                          f"--episodes {o}/episodes-fentry.jsonl", 900),
     "node": (lambda o: f"{PY} {HERE}/guest_node_workload.py {o}/node.json", 600),
+    "delegated": (lambda o: f"{PY} {HERE}/guest_delegated.py {o}/delegated.json", 300),
 }
 
 

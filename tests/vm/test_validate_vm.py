@@ -32,3 +32,20 @@ def test_validate_in_guest(suite):
             # swap (zram), THP "always" and memsw are there: nothing of this version is left out
             assert s["verdict"] == "agree", (name, s)
             assert s["episodes"] > 0 or name.startswith("v1-limit"), (name, s)
+
+
+def test_validate_alone_in_a_delegated_cgroup(suite):
+    """v2: validate started alone in a cgroup whose children lack the
+    memory controller makes itself a leaf, runs, and leaves the cgroup as
+    it was; beside another process it refuses with the fix."""
+    suite.step("delegated")
+    d = suite.json("delegated.json")
+    if suite.guest.cgroup == "v1":
+        assert "v2" in d["not_applicable"]
+        return
+    alone, shared = d["alone"], d["shared"]
+    assert alone["returncode"] == 0 and alone["agree"] and alone["verdicts"] == ["agree"], alone
+    assert alone["before"]["subtree_control"] == [] and alone["after"] == {**alone["before"], "procs": []}, alone
+    assert shared["returncode"] == 2 and "other process(es) share this cgroup" in shared["stderr"], shared
+    assert "systemd-run --scope -p Delegate=yes" in shared["stderr"]
+    assert shared["after"]["children"] == [] and shared["after"]["subtree_control"] == [], shared

@@ -210,3 +210,27 @@ def test_recheck_a_report_under_other_profiles(tmp_path, capsys):
     assert [s["verdict"] for s in doc["scenarios"]] == ["disagree", "n/a"]
     assert main(["validate", "--recheck", str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err
+
+
+def test_own_leaf_when_alone_and_refusal_when_shared(tmp_path):
+    """v2 without the memory controller for the children of our cgroup:
+    alone, validate moves into a leaf and enables it (then undoes both);
+    beside other processes it refuses with the fix. (A plain directory
+    stands in for cgroupfs: the writes land in files.)"""
+    import os
+
+    from memcgscope.collector.validate.setup import SetupError, _leave_leaf, _own_leaf
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "cgroup.procs").write_text(f"{os.getpid()}\n")
+    (own / "cgroup.subtree_control").write_text("")
+    leaf = _own_leaf(str(own))
+    assert os.path.isdir(leaf) and (own / "cgroup.subtree_control").read_text() == "+memory"
+    assert open(os.path.join(leaf, "cgroup.procs")).read() == "0"
+    os.unlink(os.path.join(leaf, "cgroup.procs"))   # cgroupfs would take rmdir with its files
+    _leave_leaf(str(own), leaf)
+    assert not os.path.exists(leaf) and (own / "cgroup.subtree_control").read_text() == "-memory"
+    (own / "cgroup.procs").write_text(f"{os.getpid()}\n1\n")
+    with pytest.raises(SetupError, match=r"1 other process\(es\) share this cgroup.*Delegate=yes"):
+        _own_leaf(str(own))
+    assert sorted(os.listdir(own)) == ["cgroup.procs", "cgroup.subtree_control"]
