@@ -8,6 +8,7 @@ kernel's Documentation/bpf/btf.rst; only what those uses need is decoded.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 
@@ -39,6 +40,10 @@ class Member:
     bit_offset: int
 
 
+#: (path, size, mtime) -> BTF: one parse per process (from_file)
+_PARSED: dict = {}
+
+
 class BTF:
     def __init__(self, data: bytes, source: str = "BTF"):
         if len(data) < 24:
@@ -51,7 +56,7 @@ class BTF:
         self._data = data
         # index -> (name_off, kind, vlen, kind_flag, size_or_type, trailer offset)
         self._types: list[tuple[int, int, int, int, int, int]] = [(0, 0, 0, 0, 0, 0)]
-        self._by_name: dict[str, list[int]] = {}
+        self._by_off: dict[int, list[int]] = {}
         pos, end = hdr_len + type_off, hdr_len + type_off + type_len
         while pos < end:
             name_off, info, size_or_type = struct.unpack_from("<III", data, pos)
@@ -63,29 +68,57 @@ class BTF:
 
     @classmethod
     def from_file(cls, path: str = "/sys/kernel/btf/vmlinux") -> "BTF":
+        """The BTF of ``path``, parsed once per process (doctor's detection
+        and the session both read vmlinux's: parsing it is most of a
+        start-up in a TCG guest)."""
         try:
+            st = os.stat(path)
+            key = (path, st.st_size, st.st_mtime_ns)
+            hit = _PARSED.get(key)
+            if hit is not None:
+                return hit
             with open(path, "rb") as f:
-                return cls(f.read(), source=path)
+                btf = cls(f.read(), source=path)
         except OSError as e:
             raise BTFError(f"{path}: {e.strerror}; the kernel needs CONFIG_DEBUG_INFO_BTF=y") from e
+        _PARSED.clear()
+        _PARSED[key] = btf
+        return btf
 
     def _name(self, off: int) -> str:
         end = self._strings.index(b"\0", off)
         return self._strings[off:end].decode()
 
-    def _index_names(self) -> None:
-        if self._by_name:
+    def _index_offsets(self) -> None:
+        # by string offset, not by name: decoding every name cost more than
+        # the lookups it served
+        if self._by_off:
             return
+        by = self._by_off
         for type_id in range(1, len(self._types)):
             name_off = self._types[type_id][0]
             if name_off:
-                self._by_name.setdefault(self._name(name_off), []).append(type_id)
+                ids = by.get(name_off)
+                if ids is None:
+                    by[name_off] = [type_id]
+                else:
+                    ids.append(type_id)
+
+    def _offsets_of(self, name: str):
+        """Every offset in the string table holding ``name`` (each string
+        follows a NUL: the table starts with the empty string)."""
+        needle = b"\0" + name.encode() + b"\0"
+        at = self._strings.find(needle)
+        while at != -1:
+            yield at + 1
+            at = self._strings.find(needle, at + 1)
 
     def find(self, name: str, kind: int) -> int | None:
-        self._index_names()
-        for type_id in self._by_name.get(name, ()):
-            if self._types[type_id][1] == kind:
-                return type_id
+        self._index_offsets()
+        for off in self._offsets_of(name):
+            for type_id in self._by_off.get(off, ()):
+                if self._types[type_id][1] == kind:
+                    return type_id
         return None
 
     def func_id(self, name: str) -> int | None:

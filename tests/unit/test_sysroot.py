@@ -32,3 +32,25 @@ def test_missing_files_read_as_none(tmp_path):
     assert s.kallsyms() is None
     assert s.kernel_config() == ({}, None)
     assert s.mounts() == [] and s.tracing_dir() is None
+
+
+def test_kallsyms_wanted_is_the_full_list_filtered(tmp_path):
+    """The one-regex pass for wanted names gives what the line loop gives
+    (clones, modules, non-text symbols left out)."""
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc" / "kallsyms").write_text(
+        "ffffffff81000000 T try_charge_memcg\n"
+        "ffffffff81000010 t drain_all_stock.part.0\n"
+        "ffffffff81000020 t drain_all_stock_more\n"
+        "ffffffff81000030 d try_charge_memcg_data\n"
+        "ffffffff81000040 D drain_all_stock\n"
+        "ffffffffc0000000 t memory_max_write\t[somemod]\n"
+        "ffffffff81000050 W mem_cgroup_charge.constprop.0\n")
+    root = SysRoot(str(tmp_path))
+    wanted = {"try_charge_memcg", "drain_all_stock", "memory_max_write", "mem_cgroup_charge"}
+    full = [e for e in root.kallsyms() if e.name.split(".", 1)[0] in wanted]
+    assert root.kallsyms(wanted) == full
+    assert [(e.name, e.kind, e.module) for e in full] == [
+        ("try_charge_memcg", "T", None), ("drain_all_stock.part.0", "t", None),
+        ("memory_max_write", "t", "somemod"), ("mem_cgroup_charge.constprop.0", "W", None)]
+    assert root.kallsyms(set()) == []

@@ -116,6 +116,64 @@ def watch(cg):
     DAEMON.tick()
 
 
+# another writer: memory.max = 64M again and again until told to stop
+COMPETE = """
+import os, sys, time
+path, stop = sys.argv[1], sys.argv[2]
+n = 0
+while not os.path.exists(stop) and n < 2000:
+    with open(path, "w") as f:
+        f.write("64M")
+    n += 1
+    time.sleep(0.002)
+print(n, flush=True)
+"""
+
+
+def superseded(s, episodes) -> dict:
+    """v2: memory.max = 16M below a 48M holder while another writer keeps
+    setting 64M. Kernels with "mm: memcg: stop reclaim when a limit update
+    is superseded" (6.1.188, 6.12.109, 6.18.50, 7.2.4, 7.3) stop the 16M
+    write's reclaim loop once the limit changed under it, and the holder
+    lives; older ones go on to the OOM, which kills it."""
+    import threading
+    with ScratchCgroup("superseded", "64M") as cg:
+        watch(cg)
+        holder = cg.popen([PY, "-c", TOUCH, "48", "600"], stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "touched"
+        stop = f"/run/memcgscope-supersede-stop-{os.getpid()}"
+        other = subprocess.Popen([PY, "-c", COMPETE, os.path.join(cg.path, "memory.max"), stop],
+                                 stdout=subprocess.PIPE, text=True)
+        time.sleep(0.05)
+        errno_seen = []
+
+        def write():
+            try:
+                cg.write("memory.max", "16M")
+                errno_seen.append(0)
+            except OSError as e:
+                errno_seen.append(e.errno)
+        t = threading.Thread(target=write)
+        t.start()
+        pump(s, episodes, until=lambda: not t.is_alive())   # read the ring buffer while it writes
+        t.join()
+        open(stop, "w").close()
+        writes = int(other.stdout.read().split()[0])
+        other.wait()
+        os.unlink(stop)
+        time.sleep(0.2)
+        alive = holder.poll() is None
+        pump(s, episodes, 0.5)
+        out = {"cgroup_id": cg.inode, "errno": errno_seen[0], "holder_alive": alive,
+               "holder_returncode": holder.returncode, "competing_writes": writes, "events": events(cg),
+               "max_after": cg.read("memory.max").strip()}
+        holder.kill()
+        holder.wait()
+        pump(s, episodes, 0.5)
+        DAEMON.tick()
+        return out
+
+
 def main() -> int:
     global DAEMON
     mode, out_path = sys.argv[1], sys.argv[2]
@@ -210,6 +268,9 @@ def main() -> int:
             holder.wait()
             pump(s, episodes, 0.5)
             DAEMON.tick()
+
+        if version == "v2":
+            result["workloads"]["superseded"] = superseded(s, episodes)
         for ep in s.finish():
             episodes.append(ep)
             DAEMON.handle(ep)
