@@ -125,3 +125,20 @@ def test_table_fits_80_columns(name):
     table = format_table(report_for(name))
     assert max(len(line) for line in table.splitlines()) <= 80
     assert "run will use:" in table
+
+
+def test_bcc_check_does_not_load_bcc(monkeypatch):
+    """doctor asks whether bcc is there without importing it (the import
+    maps libbcc and LLVM: seconds in a TCG guest)."""
+    import subprocess
+    import sys
+    code = ("import sys; from memcgscope.probes.detect import LiveChecks; f = LiveChecks().bcc(); "
+            "print(f.state, 'bcc' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout.split()
+    assert out[1] == "False" and out[0] in ("ok", "absent")
+    import importlib.util
+
+    from memcgscope.probes.detect import LiveChecks
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    f = LiveChecks().bcc()
+    assert f.state == "absent" and "python3-bpfcc" in f.fix

@@ -28,7 +28,8 @@ def state(cg: str) -> dict:
 
 def run_in(cg: str, script: str) -> subprocess.CompletedProcess:
     # the shell moves itself in, then becomes (or starts) memcgscope
-    return subprocess.run(["sh", "-c", f"echo $$ > {cg}/cgroup.procs && {script}"], capture_output=True,
+    # (braces: "a && b & c" would run a && b in the background, outside)
+    return subprocess.run(["sh", "-c", f"echo $$ > {cg}/cgroup.procs && {{ {script}; }}"], capture_output=True,
                           text=True, timeout=300)
 
 

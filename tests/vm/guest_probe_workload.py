@@ -125,6 +125,8 @@ while not os.path.exists(stop) and n < 2000:
     with open(path, "w") as f:
         f.write("64M")
     n += 1
+    if n == 1:
+        print("ready", flush=True)
     time.sleep(0.002)
 print(n, flush=True)
 """
@@ -144,7 +146,8 @@ def superseded(s, episodes) -> dict:
         stop = f"/run/memcgscope-supersede-stop-{os.getpid()}"
         other = subprocess.Popen([PY, "-c", COMPETE, os.path.join(cg.path, "memory.max"), stop],
                                  stdout=subprocess.PIPE, text=True)
-        time.sleep(0.05)
+        # a Python start-up takes seconds in a TCG guest: wait for its first write
+        assert other.stdout.readline().strip() == "ready"
         errno_seen = []
 
         def write():
@@ -158,7 +161,7 @@ def superseded(s, episodes) -> dict:
         pump(s, episodes, until=lambda: not t.is_alive())   # read the ring buffer while it writes
         t.join()
         open(stop, "w").close()
-        writes = int(other.stdout.read().split()[0])
+        writes = int(other.stdout.read().split()[-1])
         other.wait()
         os.unlink(stop)
         time.sleep(0.2)

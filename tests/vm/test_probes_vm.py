@@ -91,3 +91,29 @@ def test_probes_in_guest(suite, mode):
         assert any(s["kind"] == "oom" and s["result"] for s in steps)
         if probes["drain_all_stock"]["attached"] and not probes["drain_all_stock"]["reason"]:
             assert steps[0]["kind"] == "drain"  # drained once before reclaiming
+
+
+@pytest.mark.parametrize("mode", ["kprobe", "fentry"])
+def test_superseded_limit_write(suite, mode):
+    """v2: a memory.max write that another writer supersedes. Kernels with
+    the break (profile limit_superseded_break: 6.1.188+, 6.12.109+,
+    6.18.50+, 7.2.4+, 7.3) stop reclaiming and the holder lives; older ones
+    go on to an OOM that kills it. Either way the live cross-check agreed
+    (test_probes_in_guest), and the recording tells the two apart
+    (tests/unit/test_discrimination.py)."""
+    from memcgscope.model.profiles import get_profile
+    if suite.guest.cgroup == "v1":
+        return   # the break is in memory_max_write / memory_high_write (v2)
+    suite.step(mode)
+    res = suite.json(f"probes-{mode}.json")
+    w = res["workloads"]["superseded"]
+    assert w["errno"] == 0 and w["competing_writes"] > 0 and w["max_after"] == str(64 << 20), w
+    writes = [e for e in res["episodes"] if e["kind"] == "limit_write" and e["cgroup_id"] == w["cgroup_id"]
+              and e.get("text", "").startswith("16M")]
+    assert len(writes) == 1 and writes[0]["ret"] == 3, writes
+    ooms = [s for s in writes[0]["steps"] if s["kind"] == "oom"]
+    if get_profile(res["profile"]).limit_superseded_break:
+        assert w["holder_alive"] and not ooms, (w, writes[0]["steps"])
+        assert writes[0]["exit"]["max"] == (64 << 20) >> 12, writes[0]["exit"]
+    else:
+        assert not w["holder_alive"] and ooms and ooms[-1]["result"], (w, writes[0]["steps"])
