@@ -7,15 +7,16 @@
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 need_root
-"$ROOT_DIR/scripts/setup.sh"
+"$ROOT_DIR/scripts/setup.sh" --vm
 
-# The tests run their own Prometheus on loopback. udev: virtme-ng's guest
-# init runs the host's udevd to create /dev/virtio-ports/virtme.* (the
-# command's stdin/stdout/exit status); without it the command runs on the
-# console and vng exits 255 (virtme-ng 1.42; udev used to arrive with the
-# linux-image packages via initramfs-tools).
-without_service_start apt_install prometheus udev
-apt_install qemu-system-x86 busybox-static kmod vagrant
+# setup.sh --vm brings QEMU, busybox, kmod, udev and virtme-ng. udev:
+# virtme-ng's guest init runs the host's udevd to create
+# /dev/virtio-ports/virtme.* (the command's stdin/stdout/exit status);
+# without it the command runs on the console and vng exits 255 (virtme-ng
+# 1.42; udev used to arrive with the linux-image packages via
+# initramfs-tools). The tests run their own Prometheus on loopback.
+without_service_start apt_install prometheus
+apt_install vagrant
 # Podman 4.3 (Depends: conmon, crun, containers-common, CNI plugins) and runc: crun 1.8
 # refuses a v1 host whose cgroup2 mount offers a controller ("cgroups in hybrid mode not
 # supported"), runc does not. No catatonit/tini: the test uses no --init. The package

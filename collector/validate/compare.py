@@ -203,13 +203,15 @@ def episode_rows(plan: Plan, episodes: list, *, charges_visible: bool, ids: dict
 
 
 
-def recheck(plan: Plan, kernel_side: dict, profile) -> list[Row]:
+def recheck(plan: Plan, kernel_side: dict, profile, model: ModelRun | None = None) -> list[Row]:
     """A recorded kernel side (a report's ``kernel_side``: results, tasks,
     files) compared with the model under ``profile``: the end-state rows
     `validate` would have printed had the kernel resolved to it. Episode
     rules need the episodes, which a report does not keep: they are not
-    rechecked."""
+    rechecked. ``model``: the model's run of the scenario under ``profile``,
+    if the caller has it already."""
     from types import SimpleNamespace
     kernel = SimpleNamespace(results=list(kernel_side.get("results") or []),
                              tasks=dict(kernel_side.get("tasks") or {}), files=dict(kernel_side.get("files") or {}))
-    return compare(plan, kernel, run_model(plan, profile), profile_name=getattr(profile, "name", str(profile)))
+    model = model if model is not None else run_model(plan, profile)
+    return compare(plan, kernel, model, profile_name=getattr(profile, "name", str(profile)))
