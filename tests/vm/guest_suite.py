@@ -4,12 +4,13 @@ hangs still lets the others report. The host-side tests read the files.
 
     python3 guest_suite.py OUTDIR [STEP ...]
 
-Steps (default: all, in this order):
+Steps (default: DEFAULT, in this order):
   doctor   doctor --capture OUTDIR/capture, doctor.txt and doctor.json
   kprobe   guest_probe_workload.py kprobe -> probes-kprobe.json, episodes-kprobe.jsonl
   fentry   guest_probe_workload.py fentry -> probes-fentry.json, episodes-fentry.jsonl
   node     guest_node_workload.py (memcgscope run, scraped) -> node.json
   delegated  guest_delegated.py (validate alone in a v2 cgroup) -> delegated.json
+  command  guest_command.py (validate -- CMD: one OOMs, one fits) -> command.json
 OUTDIR/steps.json: each step's exit status and seconds. `validate` runs
 after this script (collector/validate/vm.py's guest_command: it turns swap
 on, which the steps here must not have).
@@ -39,12 +40,15 @@ STEPS = {
                          f"--episodes {o}/episodes-fentry.jsonl", 900),
     "node": (lambda o: f"{PY} {HERE}/guest_node_workload.py {o}/node.json", 600),
     "delegated": (lambda o: f"{PY} {HERE}/guest_delegated.py {o}/delegated.json", 300),
+    "command": (lambda o: f"{PY} {HERE}/guest_command.py {o}/command.json", 600),
 }
+#: the steps run when none are named (`command` runs where conftest.py asks)
+DEFAULT = ("doctor", "kprobe", "fentry", "node", "delegated")
 
 
 def main() -> int:
     out = os.path.abspath(sys.argv[1])
-    wanted = sys.argv[2:] or list(STEPS)
+    wanted = sys.argv[2:] or list(DEFAULT)
     os.makedirs(out, exist_ok=True)
     done = {}
     for name in wanted:

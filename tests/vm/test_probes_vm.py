@@ -24,7 +24,10 @@ def test_probes_in_guest(suite, mode):
 
     assert res["mode"] == mode
     probes = {p["role"]: p for p in res["probes"]}
-    for role in ("charge_core", "page_charge", "memcg_reclaim", "memcg_oom", "page_counter_try_charge"):
+    # drain_all_stock too: where fentry cannot attach it (a .part.N clone without BTF) it is a
+    # kprobe in the same session, so every mode sees the drains kprobe mode sees
+    for role in ("charge_core", "page_charge", "memcg_reclaim", "memcg_oom", "page_counter_try_charge",
+                 "drain_all_stock", "handle_over_high", "mark_victim"):
         assert probes[role]["attached"], probes[role]
     assert sum(res["lost"]) == 0 and res["orphans"] == 0
 
@@ -71,8 +74,7 @@ def test_probes_in_guest(suite, mode):
         reclaims = [s for s in w["steps"] if s["kind"] == "reclaim"]
         assert reclaims and all(s["nr_pages"] == 1 and s["caller"] == "v1_limit" for s in reclaims)
         assert reclaims[-1]["freed"] == 0  # -EBUSY follows a reclaim that freed nothing
-        if probes["drain_all_stock"]["attached"]:
-            assert w["steps"][0]["kind"] == "drain"
+        assert w["steps"][0]["kind"] == "drain"
         # struct reads at BTF offsets: the counter at entry is what cgroupfs
         # showed just before the write (the holder sleeps; nothing charges)
         assert w["entry"]["usage"] * PAGE == v1["usage_before"]
@@ -89,8 +91,7 @@ def test_probes_in_guest(suite, mode):
         assert reclaims and all(s["caller"] == "v2_max" for s in reclaims)
         assert sum(1 for s in reclaims if s["freed"] == 0) >= 16  # the zero-progress budget
         assert any(s["kind"] == "oom" and s["result"] for s in steps)
-        if probes["drain_all_stock"]["attached"] and not probes["drain_all_stock"]["reason"]:
-            assert steps[0]["kind"] == "drain"  # drained once before reclaiming
+        assert steps[0]["kind"] == "drain"  # drained once before reclaiming
 
 
 @pytest.mark.parametrize("mode", ["kprobe", "fentry"])

@@ -49,3 +49,20 @@ def test_validate_alone_in_a_delegated_cgroup(suite):
     assert shared["returncode"] == 2 and "other process(es) share this cgroup" in shared["stderr"], shared
     assert "systemd-run --scope -p Delegate=yes" in shared["stderr"]
     assert shared["after"]["children"] == [] and shared["after"]["subtree_control"] == [], shared
+
+
+def test_validate_a_command_in_a_guest(suite):
+    """`validate -- CMD` in one guest (conftest.COMMAND_GUEST): a command
+    that OOMs in its limit, and one that fits; both agree with the model."""
+    from conftest import COMMAND_GUEST
+    if suite.guest.name != COMMAND_GUEST:
+        return   # runs in one guest only (see conftest.COMMAND_GUEST)
+    suite.step("command")
+    d = suite.json("command.json")
+    for name in ("oom", "fits"):
+        assert d[name]["returncode"] == 0 and d[name]["report"], (name, d[name])
+    oom, fits = d["oom"]["report"], d["fits"]["report"]
+    assert oom["exit_status"] == -9 and oom["episodes_by_kind"].get("charge", 0) > 0, oom
+    assert "oom_kill 1" in oom["end_state"]["memory.events"] and oom["divergences"] == [], oom
+    assert fits["exit_status"] == 0 and "oom_kill" not in fits["episodes_by_kind"], fits
+    assert "oom_kill 0" in fits["end_state"]["memory.events"] and fits["divergences"] == [], fits
