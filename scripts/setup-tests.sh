@@ -22,6 +22,9 @@ apt_install vagrant
 # supported"), runc does not. No catatonit/tini: the test uses no --init. The package
 # enables podman.service/.socket; they are not started.
 without_service_start apt_install podman runc
+# systemd-analyze (tests/unit/test_deploy_systemd.py verifies deploy/systemd
+# offline; Debian ships it in the systemd package, present on most systems)
+apt_install systemd
 pip_install_project "[test]"
 
 # Guest kernels: one fetch per kernel of the guest table (a second run finds
