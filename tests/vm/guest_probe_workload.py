@@ -229,7 +229,11 @@ def main() -> int:
         target = os.path.join(disk_backed_dir(), "memcgscope-vm-file.bin")
         with ScratchCgroup("file", "32M") as cg:
             watch(cg)
-            r = run_polling(s, episodes, cg, ["dd", "if=/dev/zero", f"of={target}", "bs=1M", "count=96", "conv=fsync"])
+            # oflag=dsync: each 1M written back before the next, so reclaim finds
+            # clean pages (as validate's worker does); with one fsync at the end
+            # a 6.18 guest's 32M cgroup fills with dirty ext4 folios and OOMs
+            r = run_polling(s, episodes, cg, ["dd", "if=/dev/zero", f"of={target}", "bs=1M", "count=96",
+                                              "oflag=dsync"])
             pump(s, episodes, 0.5)
             os.unlink(target)
             DAEMON.tick()

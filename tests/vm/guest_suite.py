@@ -11,7 +11,8 @@ Steps (default: DEFAULT, in this order):
   node     guest_node_workload.py (memcgscope run, scraped) -> node.json
   delegated  guest_delegated.py (validate alone in a v2 cgroup) -> delegated.json
   command  guest_command.py (validate -- CMD: one OOMs, one fits) -> command.json
-OUTDIR/steps.json: each step's exit status and seconds. `validate` runs
+OUTDIR/steps.json: each step's exit status and seconds; OUTDIR/STEP.dmesg
+the kernel's messages during the step. `validate` runs
 after this script (collector/validate/vm.py's guest_command: it turns swap
 on, which the steps here must not have).
 """
@@ -42,8 +43,9 @@ STEPS = {
     "delegated": (lambda o: f"{PY} {HERE}/guest_delegated.py {o}/delegated.json", 300),
     "command": (lambda o: f"{PY} {HERE}/guest_command.py {o}/command.json", 600),
 }
-#: the steps run when none are named (`command` runs where conftest.py asks)
-DEFAULT = ("doctor", "kprobe", "fentry", "node", "delegated")
+#: the steps run when none are named (`delegated` and `command` run where
+#: conftest.py's ONE_GUEST asks)
+DEFAULT = ("doctor", "kprobe", "fentry", "node")
 
 
 def main() -> int:
@@ -65,6 +67,10 @@ def main() -> int:
                 proc.wait()
                 rc = "timeout"
         done[name] = {"returncode": rc, "seconds": round(time.monotonic() - start, 1)}
+        # the kernel's messages during the step (OOM reports, BPF warnings): read
+        # and cleared, so each file holds one step's; this guest is ours
+        with open(f"{out}/{name}.dmesg", "w") as f:
+            subprocess.run(["dmesg", "-c"], stdout=f, stderr=subprocess.STDOUT)
         print(f"memcgscope vm step {name}: {done[name]}", file=sys.stderr, flush=True)
         with open(f"{out}/steps.json", "w") as f:
             json.dump(done, f)

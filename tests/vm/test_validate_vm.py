@@ -41,15 +41,14 @@ def test_validate_in_guest(suite):
             assert s["episodes"] > 0 or name.startswith("v1-limit"), (name, s)
 
 
-def test_validate_alone_in_a_delegated_cgroup(suite):
-    """v2: validate started alone in a cgroup whose children lack the
-    memory controller makes itself a leaf, runs, and leaves the cgroup as
-    it was; beside another process it refuses with the fix."""
+def test_validate_alone_in_a_delegated_cgroup(one_guest_suite):
+    """v2, in one guest (conftest.ONE_GUEST): validate started alone in a
+    cgroup whose children lack the memory controller makes itself a leaf,
+    runs, and leaves the cgroup as it was; beside another process it
+    refuses with the fix."""
+    suite = one_guest_suite
     suite.step("delegated")
     d = suite.json("delegated.json")
-    if suite.guest.cgroup == "v1":
-        assert "v2" in d["not_applicable"]
-        return
     alone, shared = d["alone"], d["shared"]
     assert alone["returncode"] == 0 and alone["agree"] and alone["verdicts"] == ["agree"], alone
     assert alone["before"]["subtree_control"] == [] and alone["after"] == {**alone["before"], "procs": []}, alone
@@ -58,12 +57,10 @@ def test_validate_alone_in_a_delegated_cgroup(suite):
     assert shared["after"]["children"] == [] and shared["after"]["subtree_control"] == [], shared
 
 
-def test_validate_a_command_in_a_guest(suite):
-    """`validate -- CMD` in one guest (conftest.COMMAND_GUEST): a command
-    that OOMs in its limit, and one that fits; both agree with the model."""
-    from conftest import COMMAND_GUEST
-    if suite.guest.name != COMMAND_GUEST:
-        return   # runs in one guest only (see conftest.COMMAND_GUEST)
+def test_validate_a_command_in_a_guest(one_guest_suite):
+    """`validate -- CMD` in one guest (conftest.ONE_GUEST): a command that
+    OOMs in its limit, and one that fits; both agree with the model."""
+    suite = one_guest_suite
     suite.step("command")
     d = suite.json("command.json")
     for name in ("oom", "fits"):
