@@ -165,3 +165,17 @@ def test_a_compile_error_is_one_line_naming_it():
     assert msg.startswith("compiling or loading the tracepoint program failed: ") and "error:" in msg, msg
     assert msg.endswith("(MEMCGSCOPE_DEBUG_BPF=1 shows everything)")
     assert new_programs_after_grace(before) == set()
+
+
+def test_the_rss_benchmark_runs_at_a_tiny_size():
+    """tests/bench/bench_rss.py end to end for a few seconds against the
+    last main before the split: that collector maps the compiler, this one
+    does not."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    import bench_rss
+    r = bench_rss.measure(4, ref=bench_rss.BEFORE_SPLIT, sample_every=1)
+    main, mine = r["collectors"]
+    assert main.name == bench_rss.BEFORE_SPLIT[:12] and mine.name == "this checkout"
+    assert main.compiler and not mine.compiler
+    assert all(c.startup_s > 0 and c.rss_start > 0 and c.rss_end > 0 and c.scrapes >= 3 for c in (main, mine))
+    assert mine.rss_end <= RSS_BOUND
