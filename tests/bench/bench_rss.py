@@ -38,7 +38,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 COMPILER_LIBS = ("libLLVM", "libclang-cpp", "libbcc")
 #: the last main with bcc (and LLVM) inside the collector, for a baseline
 #: that stays one after the loader split is merged
-BEFORE_SPLIT = "ddc93e2bd2fb831f85470fbe328a6f9480628f83"
+BEFORE_SPLIT = "a0e585e089597857df26c86e3611b94264b4648f"
 PACKAGES = ("model", "probes", "collector")
 CLI = "import sys; from memcgscope.collector.cli import main; sys.exit(main())"
 
