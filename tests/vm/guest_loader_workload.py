@@ -2,14 +2,17 @@
 dies leaves behind, in kprobe and fentry mode, where the kernel can attach
 them (this host cannot).
 
-    python3 guest_loader_workload.py MODE OUT.json
+    python3 guest_loader_workload.py OUT.json [MODE ...]   (default: kprobe fentry)
 
-For MODE, a collector (a Session in a child process) is opened and then
-SIGKILLed; recorded each time: the BPF programs loaded beyond those before,
-our lines in kprobe_events, whether the named kretprobe events left are
-disabled and inert (their kprobe_profile hits do not move under a charging
-workload), then what the next session's start sweeps, and the same with
-MEMCGSCOPE_KRETPROBE_MAXACTIVE=0 (the kprobe PMU, no tracefs events).
+For each MODE, a collector (a Session in a child process) is opened and
+then SIGKILLed; recorded each time: the BPF programs loaded beyond those
+before, our lines in kprobe_events, whether the named kretprobe events left
+are disabled and inert (their kprobe_profile hits do not move under a
+charging workload), then what the next session's start sweeps, and the same
+with MEMCGSCOPE_KRETPROBE_MAXACTIVE=0 (the kprobe PMU, no tracefs events).
+Two session starts (two bcc compiles) per mode. The collector's resident
+memory is recorded by the node step (guest_node_workload.py), which runs
+`memcgscope run` anyway.
 """
 
 from __future__ import annotations
@@ -62,13 +65,19 @@ def tracing() -> str:
 
 
 def ours() -> list[str]:
-    with open(os.path.join(tracing(), "kprobe_events")) as f:
-        return [line for line in f.read().splitlines() if "memcgscope/" in line or "_bcc_" in line]
+    try:
+        with open(os.path.join(tracing(), "kprobe_events")) as f:
+            text = f.read()
+    except FileNotFoundError:    # no CONFIG_KPROBE_EVENTS (this file runs on such hosts too)
+        return []
+    return [line for line in text.splitlines() if "memcgscope/" in line or "_bcc_" in line]
 
 
 def profile_hits(names: set[str]) -> dict[str, int]:
     """kprobe_profile hits of these events (by name, without the group)."""
     out = {}
+    if not names:
+        return out
     with open(os.path.join(tracing(), "kprobe_profile")) as f:
         for line in f:
             parts = line.split()
@@ -126,17 +135,20 @@ def crash(mode: str, env: dict) -> dict:
 
 
 def main() -> int:
-    mode, out_path = sys.argv[1], sys.argv[2]
-    result = {"mode": mode}
-    # 1. the default (kretprobes with maxactive 512: named tracefs events)
-    result["default"] = crash(mode, {})
-    # 2. the next start sweeps what the first left, and with maxactive 0
-    #    (the PMU) creates nothing in kprobe_events; killed as well
-    result["pmu"] = crash(mode, {"MEMCGSCOPE_KRETPROBE_MAXACTIVE": "0"})
-    result["kprobe_events_at_end"] = ours()
-    with open(out_path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(result)[:3000])
+    out_path = sys.argv[1]
+    modes = sys.argv[2:] or ["kprobe", "fentry"]
+    result = {}
+    for mode in modes:
+        r = result[mode] = {}
+        # 1. the default (kretprobes with maxactive 512: named tracefs events)
+        r["default"] = crash(mode, {})
+        # 2. the next start sweeps what the first left, and with maxactive 0
+        #    (the PMU) creates nothing in kprobe_events; killed as well
+        r["pmu"] = crash(mode, {"MEMCGSCOPE_KRETPROBE_MAXACTIVE": "0"})
+        r["kprobe_events_at_end"] = ours()
+        with open(out_path, "w") as f:
+            json.dump(result, f, indent=1)
+        print(json.dumps(r)[:3000], flush=True)
     return 0
 
 

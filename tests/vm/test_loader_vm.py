@@ -2,29 +2,29 @@
 fentry attach: a SIGKILLed collector leaves no program attached; the named
 kretprobe events a maxactive needs stay only as disabled, inert definitions
 until the next start removes them; with MEMCGSCOPE_KRETPROBE_MAXACTIVE=0
-(the kprobe PMU) nothing at all appears in kprobe_events. The workload runs
-in the guest (guest_loader_workload.py)."""
+(the kprobe PMU) nothing at all appears in kprobe_events (the suite's
+`loader` step, guest_loader_workload.py, in conftest.LOADER_GUEST only).
+In every guest, `memcgscope run` (the node step, in the mode the guest's
+kernel gets) maps no compiler and stays within 64 MB after start and after
+the node workloads, which reclaim."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import shutil
 
 import pytest
+from conftest import LOADER_GUEST
+from harness import GUESTS
 
-ARTIFACTS = os.environ.get("MEMCGSCOPE_ARTIFACTS", "/tmp/memcgscope-artifacts")
+RSS_BOUND = 64 << 20          # issue 12: ≤ 64 MB resident after start and after an hour
 
 
+@pytest.mark.parametrize("suite", [g for g in GUESTS if g.name == LOADER_GUEST], ids=[LOADER_GUEST],
+                         indirect=True)
 @pytest.mark.parametrize("mode", ["kprobe", "fentry"])
-def test_a_killed_collector_leaves_nothing_attached(guest, mode):
-    out = guest.tmp_path / "loader.json"
-    r = guest.run(f".venv/bin/python tests/vm/guest_loader_workload.py {mode} {out}", timeout=1800)
-    assert r.returncode == 0, str(r)
-    os.makedirs(ARTIFACTS, exist_ok=True)
-    shutil.copy(out, os.path.join(ARTIFACTS, f"loader-{guest.guest.name}-{mode}.json"))
-    res = json.loads(out.read_text())
+def test_a_killed_collector_leaves_nothing_attached(suite, mode):
+    suite.step("loader")
+    res = suite.json("loader.json")[mode]
     d, pmu = res["default"], res["pmu"]
     for run in (d, pmu):
         assert "error" not in run, run
@@ -51,3 +51,12 @@ def test_a_killed_collector_leaves_nothing_attached(guest, mode):
     assert pmu["kprobe_events_while_running"] == [] and pmu["kprobe_events_left"] == []
     assert {k for k, _t, _p in pmu["attachments"]} == kinds
     assert res["kprobe_events_at_end"] == []
+
+
+def test_the_collector_maps_no_compiler_and_stays_within_64_mb(suite):
+    suite.step("node")
+    node = suite.json("node.json")
+    c = node["collector"]
+    assert c["compiler_mapped_start"] == 0 and c["compiler_mapped_after"] == 0, c
+    assert c["episodes"] > 0 and c["lost"] == 0, c
+    assert c["rss_start"] <= RSS_BOUND and c["rss_after"] <= RSS_BOUND, (node["mode"], c)
