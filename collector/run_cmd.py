@@ -172,7 +172,7 @@ def run(args) -> int:
                  "watching": args.cgroup or "all cgroups", "divergence log": args.divergence_log or "off"}
 
         def health():
-            if session.bpf is None:
+            if not session.is_open:
                 return "probes are detached"
             return None
 

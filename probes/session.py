@@ -1,5 +1,5 @@
-"""A probing session: pick a mode, compile, attach, stream episodes, read
-the in-kernel aggregates, detach.
+"""A probing session: pick a mode, load, attach, stream episodes, read the
+in-kernel aggregates, detach.
 
     with Session(mode=None) as s:            # None: the best usable mode
         for probe in s.status(): ...
@@ -7,31 +7,41 @@ the in-kernel aggregates, detach.
             for episode in s.poll(timeout_ms=200): ...
         aggregates = s.aggregates()
 
+Loading runs in a short-lived child (probes/loader.py: detect, build, bcc
+compile and load), which hands the map and program fds over and exits; this
+process never imports bcc, so LLVM is never mapped here. It attaches the
+programs itself (probes/attach.py), reads maps through bpf(2)
+(probes/maps.py) and the ring buffer through mmap (probes/ringbuf.py).
+
 Closing detaches everything; `Session` is a context manager and `close()`
 is idempotent, so normal exit, an exception, SIGINT and SIGTERM (turned into
-an exception by the caller, see collector/record_cmd.py) all detach.
+an exception by the caller, see collector/record_cmd.py) all detach. Every
+attachment is an fd of this process: if it dies, the kernel detaches them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import threading
 from dataclasses import dataclass, field
 
-from .btf import BTF
-from .bpfsys import try_fentry
-from .detect import Report, bcc_kernel_source, detect, tracefs_mounted
+from . import attach as _attach
+from . import loader as _loader
 from .assembly import EpisodeAssembler
+from .detect import tracefs_mounted
 from .episodes import CALLERS, EVENT_SIZE, LIMIT_KINDS, Visibility, decode_bytes, visibility
-from .program import Program, ProgramError, ProbeStatus, build_program, fentry_arg_reads
+from .maps import BpfMap, Layout, MapError
+from .program import COUNTED_MAPS, Program, ProbeStatus
+from .ringbuf import RingBuffer, RingBufferError
 from .sysroot import SysRoot
 
 __all__ = ["Session", "SessionError", "Aggregates", "CgroupAggregate"]
 
 # tasks sleeping in reclaim hold a kretprobe instance each; a return missed
-# when all are taken is handled by the BPF side (see on_charge_enter)
+# when all are taken is handled by the BPF side (see on_charge_enter).
+# 0: the kprobe PMU's default (max(10, 2 * CPUs)) and no tracefs event
+# (probes/attach.py says why a maxactive needs one)
 KRETPROBE_MAXACTIVE = int(os.environ.get("MEMCGSCOPE_KRETPROBE_MAXACTIVE", "512"))
 
 
@@ -63,37 +73,57 @@ class Aggregates:
 
 class Session:
     def __init__(self, mode: str | None = None, *, sysroot: SysRoot | None = None,
-                 report: Report | None = None, max_cgroups: int = 4096, ringbuf_pages: int = 256,
+                 report=None, max_cgroups: int = 4096, ringbuf_pages: int = 256,
                  use_perf_buffer: bool | None = None, on_episode=None, memcg_state: bool = False):
         self.requested_mode = mode
         self.sysroot = sysroot or SysRoot("/")
         self.report = report
         self.max_cgroups = max_cgroups
         self.ringbuf_pages = ringbuf_pages
-        self.use_perf_buffer = use_perf_buffer
+        # every kernel memcgscope supports (5.10+) has BPF ring buffers
+        # (5.8+): there is no perf buffer path any more
+        self.use_perf_buffer = False
+        self._perf_buffer_requested = bool(use_perf_buffer)
         self.on_episode = on_episode
         self.memcg_state = memcg_state
-        self.bpf = None
         self.program: Program | None = None
         self.mode: str | None = None
         self._probes: list[ProbeStatus] = []
         self._pending: list = []
-        self._names_cache: dict[str, dict[int, str]] = {}
+        self._item_names: dict[str, dict[int, str]] = {}
         self.assembler: EpisodeAssembler | None = None
         self.events_seen = 0
+        self.loader_pid: int | None = None
         self._tracefs = None
-        # held while the BPF object is read from another thread (a scrape)
-        # and while it is closed, so no read runs on freed maps
+        self._tracing_dir: str | None = None
+        self._maps: dict[str, BpfMap] | None = None
+        self._progs: dict[str, tuple[int, str, str | None]] = {}
+        self._ring: RingBuffer | None = None
+        self._ring_fd: int | None = None
+        self._attachments: list[_attach.Attachment] = []
+        # held while the maps are read from another thread (a scrape) and
+        # while they are closed, so no read runs on closed fds
         self._lock = threading.RLock()
-        self._paused = None
+        # held while the ring buffer is consumed and while it is unmapped
+        self._ring_lock = threading.Lock()
+        self._paused = False
+        #: the command that runs the loader (tests replace it)
+        self.loader_command: list[str] | None = None
 
     # --- life cycle -------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return self._maps is not None
 
     def open(self) -> "Session":
         if os.geteuid() != 0:
             raise SessionError("probing needs root (BPF programs); run as root")
-        # bcc reads tracepoint formats and ids from tracefs while compiling
-        # and attaching: keep it mounted for the session when we mount it
+        if self._perf_buffer_requested:
+            raise SessionError("use_perf_buffer: there is no perf buffer path; every kernel memcgscope supports "
+                               "(Linux 5.10+) has BPF ring buffers (5.8+)")
+        # tracepoint ids, kprobe_events and bcc's tracepoint formats are in
+        # tracefs: keep it mounted for the session when we mount it
         self._tracefs = tracefs_mounted(self.sysroot)
         self._tracefs.__enter__()
         try:
@@ -103,88 +133,104 @@ class Session:
             raise
         return self
 
+    def _params(self, check_fentry: bool) -> _loader.LoadParams:
+        return _loader.LoadParams(mode=self.requested_mode, sysroot=self.sysroot.root, report=self.report,
+                                  max_cgroups=self.max_cgroups, ringbuf_pages=self.ringbuf_pages,
+                                  memcg_state=self.memcg_state, check_fentry=check_fentry)
+
     def build(self, *, check_fentry: bool = True) -> Program:
         """Detects the kernel and builds the program for the mode, without
-        compiling or loading anything (``--ebpf`` prints it).
-        ``check_fentry``: test-load a minimal fentry program per probe
-        (needs root)."""
-        self._build(check_fentry)
+        compiling or loading anything (``--ebpf`` prints it), in this
+        process. ``check_fentry``: test-load a minimal fentry program per
+        probe (needs root)."""
+        try:
+            prepared = _loader.prepare(self._params(check_fentry))
+        except _loader.LoadError as e:
+            raise SessionError(str(e)) from e
+        self.report, self.mode, self.program = prepared.report, prepared.mode, prepared.program
+        self._probes = list(self.program.probes)
+        self._item_names = _loader.item_names(prepared.btf)
+        self.assembler = EpisodeAssembler(memsw=self._memsw())
         return self.program
 
-    def _build(self, check_fentry: bool) -> None:
-        report = self.report or detect(self.sysroot)
-        self.report = report
-        mode = self.requested_mode or report.mode
-        if mode is None:
-            raise SessionError(f"no probe mode is usable on this kernel: {report.mode_reason}; see 'memcgscope doctor'")
-        verdict = report.modes.get(mode)
-        if verdict is None:
-            raise SessionError(f"--mode {mode}: unknown mode; use fentry, kprobe or tracepoint")
-        if not verdict.usable:
-            raise SessionError(f"--mode {mode} is not usable here ({verdict.reason}); "
-                               f"see 'memcgscope doctor'" + (f", which suggests {report.mode}" if report.mode else ""))
-        try:
-            btf = BTF.from_file(self.sysroot.path("/sys/kernel/btf/vmlinux"))
-        except Exception as e:
-            raise SessionError(f"{e}") from e
-
-        if self.use_perf_buffer is None:
-            # BPF ring buffers arrived in 5.8; older kernels get the perf buffer
-            self.use_perf_buffer = btf.func_id("bpf_ringbuf_output") is None
-
-        arg_reads = fentry_arg_reads(btf)
-
-        def fentry_check(btf_id):
-            # load the way the program reads its arguments, not just an attach
-            r = try_fentry(btf_id, args=arg_reads)
-            return r.state == "ok", r.detail
-
-        try:
-            self.program = build_program(report, mode, btf, max_cgroups=self.max_cgroups,
-                                         ringbuf_pages=self.ringbuf_pages, use_perf_buffer=self.use_perf_buffer,
-                                         fentry_check=fentry_check if mode == "fentry" and check_fentry else None,
-                                         memcg_state=self.memcg_state)
-        except ProgramError as e:
-            raise SessionError(str(e)) from e
-        self.mode = mode
-        self._btf = btf
-        self._probes = list(self.program.probes)
-        self.assembler = EpisodeAssembler(memsw=bool(report.cgroups.v1_memory and report.cgroups.swap_accounting))
+    def _memsw(self) -> bool:
+        c = self.report.cgroups
+        return bool(c.v1_memory and c.swap_accounting)
 
     def _open(self) -> None:
-        self._build(True)
-        source = bcc_kernel_source(self.sysroot)
-        if source:
-            os.environ["BCC_KERNEL_SOURCE"] = source
+        self._tracing_dir = self.sysroot.tracing_dir() if self.sysroot.live else None
+        _attach.sweep_stale(self._tracing_dir)
         try:
-            from bcc import BPF
-        except ImportError as e:
-            raise SessionError("python module bcc not importable; run scripts/setup.sh (python3-bpfcc)") from e
-        compiler_output: list[str] = []
+            h = _loader.load(self._params(True), command=self.loader_command)
+        except _loader.LoadError as e:
+            raise SessionError(str(e)) from e
         try:
-            with _captured_stderr(compiler_output):
-                self.bpf = BPF(text=self.program.text, cflags=self.program.cflags)
-        except Exception as e:
-            self.close()
-            first_error = next((line for line in compiler_output if "error" in line), "")
-            detail = first_error or (str(e).splitlines()[0] if str(e) else repr(e))
-            raise SessionError(f"compiling or loading the {self.mode} program failed: {detail} "
-                               f"(MEMCGSCOPE_DEBUG_BPF=1 shows everything)") from e
-        self._attach_kprobes()
-        self._open_events()
+            self._take(h)
+        except BaseException:
+            h.close()
+            raise
+        self._attach_all()
 
-    def _attach_kprobes(self) -> None:
+    def _take(self, h: _loader.Handover) -> None:
+        """Owns the handed-over fds: maps (checked against the kernel's
+        sizes), the ring buffer (mapped) and the programs."""
+        self.report, self.mode, self.program = h.report, h.mode, h.program
+        self.loader_pid = h.loader_pid
+        self._probes = list(self.program.probes)
+        self._item_names = h.item_names
+        self.assembler = EpisodeAssembler(memsw=self._memsw())
+        maps: dict[str, BpfMap] = {}
+        try:
+            for name, (fd, key, value) in list(h.maps.items()):
+                if key is None:          # the ring buffer
+                    from .bpfsys import map_info
+                    size = map_info(fd).max_entries
+                    self._ring = RingBuffer.open(fd, size)
+                    self._ring_fd = fd
+                else:
+                    maps[name] = BpfMap(name, fd, Layout.from_wire(key), Layout.from_wire(value))
+                del h.maps[name]
+        except (MapError, RingBufferError, OSError) as e:
+            for m in maps.values():
+                m.close()
+            raise SessionError(f"the loader's maps: {e}") from e
+        if self._ring is None:
+            for m in maps.values():
+                m.close()
+            raise SessionError("the loader handed over no ring buffer map named in memcgscope.bpf.c")
+        self._progs = dict(h.progs)
+        h.progs = {}
+        with self._lock:
+            self._maps = maps
+
+    # --- attaching --------------------------------------------------------
+
+    def _attach(self, kind: str, target: str, prog: str) -> _attach.Attachment:
+        fd = self._progs[prog][0]
+        a = _attach.attach(kind, target, prog, fd, tracing_dir=self._tracing_dir,
+                           maxactive=KRETPROBE_MAXACTIVE)
+        self._attachments.append(a)
+        return a
+
+    def _attach_all(self) -> None:
+        """Tracepoints, raw tracepoints and fentry/fexit first (any failure
+        is fatal, as it is for bcc), then the kprobes (a failed one turns its
+        probe off; the charge core's is fatal)."""
+        for name, (_fd, kind, target) in self._progs.items():
+            if kind == "kprobe":
+                continue
+            try:
+                self._attach(kind, target, name)
+            except _attach.AttachError as e:
+                raise SessionError(f"attaching the {self.mode} program failed: {e}") from e
         by_role: dict[str, list[bool]] = {}
         failures: dict[str, str] = {}
         for symbol, fn, is_ret in self.program.kprobes:
             role = fn[len("kp_"):].rsplit("_", 1)[0]  # kp_<role>_enter[N] / kp_<role>_exit
             try:
-                if is_ret:
-                    self.bpf.attach_kretprobe(event=symbol, fn_name=fn, maxactive=KRETPROBE_MAXACTIVE)
-                else:
-                    self.bpf.attach_kprobe(event=symbol, fn_name=fn)
+                self._attach("kretprobe" if is_ret else "kprobe", symbol, fn)
                 by_role.setdefault(role, []).append(True)
-            except Exception as e:
+            except _attach.AttachError as e:
                 by_role.setdefault(role, []).append(False)
                 failures[role] = f"attach failed: {e}"
         for p in self._probes:
@@ -195,81 +241,60 @@ class Session:
         if core is not None and not core.attached:
             raise SessionError(f"kprobe on {core.target} failed ({core.reason}); try --mode tracepoint")
 
+    def attachments(self) -> list[tuple[str, str, str]]:
+        """(kind, target, program) of every attachment held now."""
+        return [(a.kind, a.target, a.prog) for a in self._attachments]
+
+    def _detach_all(self) -> None:
+        attachments, self._attachments = self._attachments, []
+        for a in reversed(attachments):
+            with contextlib.suppress(OSError):
+                _attach.detach(a)
+
     def pause(self) -> None:
         """Detaches every probe but keeps the programs and maps loaded, so
         `resume()` re-attaches without compiling again (bench_probes.py
         alternates bare and probed runs this way)."""
-        b = self.bpf
-        self._paused = {
-            "tracepoints": [(tp, "tracepoint__" + tp.decode().replace(":", "__")) for tp in list(b.tracepoint_fds)],
-            # the memcg:* probes are raw tracepoints: they run on every fault
-            "raw_tracepoints": [(tp, "raw_tracepoint__" + tp.decode()) for tp in list(b.raw_tracepoint_fds)],
-            "kfunc_entry": list(b.kfunc_entry_fds), "kfunc_exit": list(b.kfunc_exit_fds),
-            "kprobes": list(self.program.kprobes),
-        }
-        for tp, _ in self._paused["tracepoints"]:
-            b.detach_tracepoint(tp)
-        for tp, _ in self._paused["raw_tracepoints"]:
-            b.detach_raw_tracepoint(tp)
-        for fn in self._paused["kfunc_entry"]:
-            b.detach_kfunc(fn)
-        for fn in self._paused["kfunc_exit"]:
-            b.detach_kretfunc(fn)
-        for symbol, fn, is_ret in self._paused["kprobes"]:
-            try:
-                (b.detach_kretprobe if is_ret else b.detach_kprobe)(symbol, fn_name=fn)
-            except Exception:
-                pass  # was not attached (its attach failed at open)
+        self._paused = [(a.kind, a.target, a.prog) for a in self._attachments]
+        self._detach_all()
 
     def resume(self) -> None:
-        b, paused = self.bpf, self._paused
-        for tp, fn in paused["tracepoints"]:
-            b.attach_tracepoint(tp=tp, fn_name=fn)
-        for tp, fn in paused["raw_tracepoints"]:
-            b.attach_raw_tracepoint(tp=tp, fn_name=fn)
-        for fn in paused["kfunc_entry"]:
-            b.attach_kfunc(fn_name=fn)
-        for fn in paused["kfunc_exit"]:
-            b.attach_kretfunc(fn_name=fn)
-        for symbol, fn, is_ret in paused["kprobes"]:
+        paused, self._paused = self._paused, False
+        for kind, target, prog in paused or []:
             try:
-                if is_ret:
-                    b.attach_kretprobe(event=symbol, fn_name=fn, maxactive=KRETPROBE_MAXACTIVE)
-                else:
-                    b.attach_kprobe(event=symbol, fn_name=fn)
-            except Exception:
-                pass
-        self._paused = None
-
-    def _open_events(self) -> None:
-        def callback(*args):  # (ctx or cpu, data, size)
-            self._pending.append(decode_bytes(ctypes.string_at(args[1], EVENT_SIZE)))
-            return 0
-
-        if self.use_perf_buffer:
-            def lost_cb(count):
-                self._perf_lost += count
-            self._perf_lost = 0
-            self.bpf["events"].open_perf_buffer(callback, page_cnt=self.ringbuf_pages, lost_cb=lost_cb)
-        else:
-            self.bpf["events"].open_ring_buffer(callback)
-        self._callback = callback  # keep a reference: bcc holds only a C pointer
+                self._attach(kind, target, prog)
+            except _attach.AttachError as e:
+                if kind not in ("kprobe", "kretprobe"):
+                    raise SessionError(f"re-attaching {prog}: {e}") from e
 
     def close(self) -> None:
         with self._lock:
-            bpf, self.bpf = self.bpf, None
-        if bpf is not None:
+            maps, self._maps = self._maps, None
+        # detach first: no program runs on maps that are going
+        self._detach_all()
+        with self._ring_lock:
+            ring, self._ring = self._ring, None
+            if ring is not None:
+                ring.close()
+        if self._ring_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._ring_fd)
+            self._ring_fd = None
+        if maps is not None:
             with self._lock:   # no reader is inside the maps from here on
-                try:
-                    bpf.cleanup()
-                except Exception:
-                    pass
+                for m in maps.values():
+                    with contextlib.suppress(OSError):
+                        m.close()
+        progs, self._progs = self._progs, {}
+        for fd, _kind, _target in progs.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
         tracefs, self._tracefs = self._tracefs, None
         if tracefs is not None:
             tracefs.__exit__(None, None, None)
 
     def __enter__(self) -> "Session":
-        if self.bpf is None:
+        if not self.is_open:
             self.open()
         return self
 
@@ -280,13 +305,22 @@ class Session:
 
     def poll(self, timeout_ms: int = 100) -> list:
         """Waits up to timeout_ms for events; returns completed episodes."""
-        if self.bpf is None:
+        ring = self._ring
+        if ring is None:
             raise SessionError("session is closed")
-        if self.use_perf_buffer:
-            self.bpf.perf_buffer_poll(timeout=timeout_ms)
-        else:
-            self.bpf.ring_buffer_poll(timeout=timeout_ms)
+        if ring.available() == 0:
+            ring.wait(timeout_ms)
+        self._consume()
         return self._drain_pending()
+
+    def _consume(self) -> None:
+        with self._ring_lock:
+            if self._ring is None:
+                return
+            records = self._ring.consume()
+        for r in records:
+            if len(r) >= EVENT_SIZE:
+                self._pending.append(decode_bytes(r))
 
     def _drain_pending(self) -> list:
         events, self._pending = self._pending, []
@@ -301,8 +335,8 @@ class Session:
 
     def finish(self) -> list:
         """Consumes what is buffered and returns it plus episodes left open."""
-        if self.bpf is not None and not self.use_perf_buffer:
-            self.bpf.ring_buffer_consume()
+        if self._ring is not None:
+            self._consume()
         return self._drain_pending() + self.assembler.flush()
 
     def status(self) -> list[ProbeStatus]:
@@ -320,67 +354,64 @@ class Session:
 
     @contextlib.contextmanager
     def reading(self):
-        """The open BPF object, held against close() while in use; raises
-        SessionError when the session is closed (the scrape thread uses it)."""
+        """The open maps (name -> BpfMap), held against close() while in
+        use; raises SessionError when the session is closed (the scrape
+        thread uses it)."""
         with self._lock:
-            if self.bpf is None:
+            if self._maps is None:
                 raise SessionError("session is closed")
-            yield self.bpf
+            yield self._maps
+
+    def _array_sum(self, name: str) -> int:
+        with self._lock:
+            if self._maps is None:
+                return 0
+            return self._maps[name].array_sum(0)
 
     def contexts_lost(self) -> int:
         """Charges whose per-CPU fast context was overwritten by another
         task's charge (the first was preempted mid-charge): not counted."""
-        with self._lock:
-            if self.bpf is None:
-                return 0
-            return sum(int(v) for v in self.bpf["ctx_lost"][ctypes.c_int(0)])
+        return self._array_sum("ctx_lost")
 
     def map_full(self) -> dict[str, int]:
         """Updates dropped because a map was full, by map name."""
-        from .program import COUNTED_MAPS
         with self._lock:
-            if self.bpf is None:
+            if self._maps is None:
                 return {}
-            t = self.bpf["map_full"]
+            t = self._maps["map_full"]
             out = {}
             for i, name in enumerate(COUNTED_MAPS):
-                n = sum(int(v) for v in t[ctypes.c_int(i)])
+                n = t.array_sum(i)
                 if n:
                     out[name] = n
             return out
 
     def contexts_reset(self) -> int:
         """Charge contexts dropped as stale (their return was never seen)."""
-        with self._lock:
-            if self.bpf is None:
-                return 0
-            return sum(int(v) for v in self.bpf["ctx_reset"][ctypes.c_int(0)])
+        return self._array_sum("ctx_reset")
 
     def lost(self) -> list[int]:
         with self._lock:
-            if self.bpf is None:
+            if self._maps is None:
                 return []
-            counts = [int(v) for v in self.bpf["lost"][ctypes.c_int(0)]]
-            if self.use_perf_buffer:
-                counts[0] += self._perf_lost
-            return counts
+            v = self._maps["lost"].lookup(0)
+            return [int(x) for x in v] if v is not None else []
 
     def program_stats(self) -> dict[str, tuple[int, int]]:
         """program name -> (run time ns, run count) from /proc/self/fdinfo;
         zero unless kernel.bpf_stats_enabled is 1."""
         out = {}
         with self._lock:   # the fds stay ours while we read their fdinfo
-            if self.bpf is None:
+            if self._maps is None:
                 return out
-            for name, fn in list(self.bpf.funcs.items()):
+            for name, (fd, _kind, _target) in list(self._progs.items()):
                 try:
-                    with open(f"/proc/self/fdinfo/{fn.fd}") as f:
+                    with open(f"/proc/self/fdinfo/{fd}") as f:
                         info = dict(line.split(":", 1) for line in f if ":" in line)
                 except OSError:
                     continue
-                key = name.decode() if isinstance(name, bytes) else name
-                out[key] = (int(info.get("run_time_ns", "0").strip() or 0),
-                            int(info.get("run_cnt", "0").strip() or 0))
+                out[name] = (int(info.get("run_time_ns", "0").strip() or 0),
+                             int(info.get("run_cnt", "0").strip() or 0))
         return out
 
     def forget_cgroup(self, cgid: int) -> int:
@@ -394,41 +425,31 @@ class Session:
         if not cgids:
             return 0
         with self._lock:
-            if self.bpf is None:
+            if self._maps is None:
                 return 0
-            return self._forget(self.bpf, cgids)
+            return self._forget(self._maps, cgids)
 
     @staticmethod
-    def _forget(bpf, cgids: set) -> int:
+    def _forget(maps: dict, cgids: set) -> int:
         removed = 0
-
-        def delete(table, key) -> None:
-            nonlocal removed
-            try:
-                del table[key]
-                removed += 1
-            except KeyError:
-                pass
-
         addresses = set()   # the per-CPU charge maps are keyed by the memcg's address
         for name in ("charge_stats", "page_charge_stats"):
-            t = bpf[name]
-            for k, per_cpu in list(t.items()):
+            t = maps[name]
+            gone = []
+            for raw, k, per_cpu in t.entries():
                 if any(int(v.cgid) in cgids for v in per_cpu):
-                    addresses.add(int(k.value))
-                    delete(t, k)
-        t = bpf["charge_lat"]
-        for k in [k for k in t.keys() if int(k.memcg) in addresses]:
-            delete(t, k)
+                    addresses.add(int(k))
+                    gone.append(raw)
+            removed += t.delete_raw(gone)
+        t = maps["charge_lat"]
+        removed += t.delete_raw([raw for raw, k, _ in t.entries() if int(k.memcg) in addresses])
         for name in ("oom_stats", "high_stats"):
-            t = bpf[name]
-            for k in [k for k in t.keys() if int(k.value) in cgids]:
-                delete(t, k)
+            t = maps[name]
+            removed += t.delete_raw([raw for raw, k, _ in t.entries() if int(k) in cgids])
         for name in ("reclaim_stats", "reclaim_lat", "limit_stats", "counter_fails",
                      "memcg_events", "memcg_state", "high_lat"):
-            t = bpf[name]
-            for k in [k for k in t.keys() if int(k.cgid) in cgids]:
-                delete(t, k)
+            t = maps[name]
+            removed += t.delete_raw([raw for raw, k, _ in t.entries() if int(k.cgid) in cgids])
         return removed
 
     def forget_tasks(self, alive) -> int:
@@ -437,36 +458,23 @@ class Session:
         return probe was missed, would otherwise hold its entry for ever and
         the map would fill."""
         with self._lock:
-            if self.bpf is None:
+            if self._maps is None:
                 return 0
-            t = self.bpf["tasks"]
-            dead = [k for k in t.keys() if not alive(int(k.value))]
-            for k in dead:
-                try:
-                    del t[k]
-                except KeyError:
-                    pass
+            t = self._maps["tasks"]
+            dead = [raw for raw in t.raw_keys() if not alive(int(t.key.unpack(raw)))]
+            t.delete_raw(dead)
             return len(dead)
 
     def item_names(self, kind: str) -> dict[int, str]:
         """Kernel enum names for memcg:* tracepoint items (they differ between builds)."""
-        if kind not in self._names_cache:
-            if kind == "events":
-                names = self._btf.enumerators("vm_event_item")
-            else:
-                names = dict(self._btf.enumerators("node_stat_item"))
-                names.update(self._btf.enumerators("memcg_stat_item"))
-                # lruvec items are marked with bit 16 by the BPF side
-                names.update({k | 0x10000: "lruvec_" + v for k, v in self._btf.enumerators("node_stat_item").items()})
-            self._names_cache[kind] = names
-        return self._names_cache[kind]
+        return self._item_names.get(kind, {})
 
     def aggregates(self) -> Aggregates:
         """The in-kernel per-cgroup maps, read without stopping the probes."""
-        with self.reading():
-            return self._aggregates()
+        with self.reading() as maps:
+            return self._aggregates(maps)
 
-    def _aggregates(self) -> Aggregates:
+    def _aggregates(self, maps: dict) -> Aggregates:
         out: dict[int, CgroupAggregate] = {}
 
         def agg(cgid: int) -> CgroupAggregate:
@@ -476,56 +484,36 @@ class Session:
         fields = ("calls", "pages", "slow", "fail_enomem", "fail_eintr", "fail_other", "ns")
         cgid_of: dict[int, int] = {}
         for table, attr in (("charge_stats", "charges"), ("page_charge_stats", "page_charges")):
-            for k, per_cpu in self.bpf[table].items():
+            for k, per_cpu in maps[table].items():
                 cgid = max(int(v.cgid) for v in per_cpu)
-                cgid_of[int(k.value)] = cgid
+                cgid_of[int(k)] = cgid
                 sums = getattr(agg(cgid), attr)
                 for f in fields:
                     sums[f] = sums.get(f, 0) + sum(int(getattr(v, f)) for v in per_cpu)
-        for k, per_cpu in self.bpf["charge_lat"].items():
+        for k, per_cpu in maps["charge_lat"].items():
             cgid = cgid_of.get(int(k.memcg))
             if cgid is not None:
                 slots = agg(cgid).charge_latency
-                slots[int(k.slot)] = slots.get(int(k.slot), 0) + sum(int(v) for v in per_cpu)
-        for k, v in self.bpf["reclaim_stats"].items():
+                slots[int(k.slot)] = slots.get(int(k.slot), 0) + sum(per_cpu)
+        for k, v in maps["reclaim_stats"].items():
             agg(k.cgid).reclaim[CALLERS.get(k.caller, "other")] = {
                 "calls": int(v.calls), "asked": int(v.asked), "freed": int(v.freed), "ns": int(v.ns)}
-        for k, v in self.bpf["reclaim_lat"].items():
-            agg(k.cgid).reclaim_latency.setdefault(CALLERS.get(k.caller, "other"), {})[int(k.slot)] = int(v.value)
-        for k, v in self.bpf["limit_stats"].items():
-            agg(k.cgid).limit_writes[(LIMIT_KINDS.get(k.kind, str(k.kind)), int(k.ret))] = int(v.value)
-        for k, v in self.bpf["oom_stats"].items():
-            agg(k.value).oom = {"invocations": int(v.invocations), "returned_true": int(v.returned_true),
-                                "kills": int(v.kills), "victims": int(v.victims)}
-        for k, v in self.bpf["high_stats"].items():
-            agg(k.value).high = {"calls": int(v.calls), "sleep_ns": int(v.sleep_ns), "reclaim_ns": int(v.reclaim_ns)}
-        for k, v in self.bpf["high_lat"].items():
-            agg(k.cgid).high_latency[int(k.slot)] = int(v.value)
-        for k, v in self.bpf["counter_fails"].items():
-            agg(k.cgid).counter_failures["memsw" if k.counter else "memory"] = int(v.value)
+        for k, v in maps["reclaim_lat"].items():
+            agg(k.cgid).reclaim_latency.setdefault(CALLERS.get(k.caller, "other"), {})[int(k.slot)] = int(v)
+        for k, v in maps["limit_stats"].items():
+            agg(k.cgid).limit_writes[(LIMIT_KINDS.get(k.kind, str(k.kind)), int(k.ret))] = int(v)
+        for k, v in maps["oom_stats"].items():
+            agg(k).oom = {"invocations": int(v.invocations), "returned_true": int(v.returned_true),
+                          "kills": int(v.kills), "victims": int(v.victims)}
+        for k, v in maps["high_stats"].items():
+            agg(k).high = {"calls": int(v.calls), "sleep_ns": int(v.sleep_ns), "reclaim_ns": int(v.reclaim_ns)}
+        for k, v in maps["high_lat"].items():
+            agg(k.cgid).high_latency[int(k.slot)] = int(v)
+        for k, v in maps["counter_fails"].items():
+            agg(k.cgid).counter_failures["memsw" if k.counter else "memory"] = int(v)
         event_names, state_names = self.item_names("events"), self.item_names("state")
-        for k, v in self.bpf["memcg_events"].items():
+        for k, v in maps["memcg_events"].items():
             agg(k.cgid).memcg_events[event_names.get(int(k.item), str(k.item))] = (int(v.count), int(v.sum))
-        for k, v in self.bpf["memcg_state"].items():
+        for k, v in maps["memcg_state"].items():
             agg(k.cgid).memcg_state[state_names.get(int(k.item), str(k.item))] = (int(v.count), int(v.sum))
         return Aggregates(out, self.lost())
-
-
-@contextlib.contextmanager
-def _captured_stderr(lines: list[str]):
-    """bcc's clang prints warnings about fallback headers on fd 2: keep them
-    from the user's terminal, but hand them back for the error message."""
-    if os.environ.get("MEMCGSCOPE_DEBUG_BPF"):
-        yield
-        return
-    import tempfile
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            lines.extend(tmp.read().decode(errors="replace").splitlines())

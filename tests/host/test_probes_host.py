@@ -163,27 +163,6 @@ def test_record_writes_episodes_and_detaches_on_signal(tmp_path, sig):
     assert new_programs_after_grace(before) == set()
 
 
-def test_perf_buffer_path_delivers_the_same_episodes(tmp_path):
-    """Kernels before 5.8 have no BPF ring buffer: the perf-buffer path,
-    forced here, must deliver episodes too."""
-    target = "/var/tmp/memcgscope-host-perf.bin"
-    try:
-        with Session("tracepoint", use_perf_buffer=True) as s, ScratchCgroup("perfbuf", "32M") as cg:
-            assert "-DUSE_PERF_BUFFER=1" in s.program.cflags
-            proc = dd_workload(cg, target, 64)
-            episodes = []
-            while proc.poll() is None:
-                episodes += s.poll(100)
-            episodes += s.poll(200) + s.finish()
-            freed = s.aggregates().cgroups[cg.inode].reclaim["unknown"]["freed"]
-            assert sum(s.lost()) == 0
-    finally:
-        if os.path.exists(target):
-            os.unlink(target)
-    mine = [e for e in episodes if e.kind == "reclaim" and e.cgroup_id == cg.inode]
-    assert mine and sum(e.ret for e in mine) == freed
-
-
 def test_pause_detaches_every_program(tmp_path):
     """Review bug: Session.pause() (the benchmarks' "bare" rounds) left the
     memcg:* raw tracepoints attached, so bare rounds still ran BPF on every

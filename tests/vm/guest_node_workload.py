@@ -11,6 +11,9 @@ Workloads (scratch cgroups below this process's own):
            sleeps, `b` charges 40M; the OOM runs for the parent (the
            trigger: b's charge) and kills a's task (the victim)
 Between them the endpoint is scraped twice: throttled seconds must grow.
+The collector's footprint is recorded after its first scrape and after both
+workloads (they reclaim): resident memory and whether LLVM, clang or bcc
+are mapped in it (the loader/collector split; tests/vm/test_loader_vm.py).
 """
 
 from __future__ import annotations
@@ -93,6 +96,15 @@ def wait_endpoint(proc, timeout=600) -> float:
         except OSError:
             time.sleep(1)
     raise RuntimeError(f"memcgscope run did not serve {LISTEN} in {timeout}s")
+
+
+def footprint(pid: int) -> tuple[int, int]:
+    """(VmRSS in bytes, LLVM/clang/bcc lines in /proc/PID/maps)."""
+    with open(f"/proc/{pid}/status") as f:
+        rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    with open(f"/proc/{pid}/maps") as f:
+        mapped = sum(1 for line in f if any(x in line for x in ("libLLVM", "libclang", "libbcc")))
+    return rss, mapped
 
 
 def label_of(cg: ScratchCgroup, mount: str) -> str:
@@ -187,9 +199,14 @@ def main() -> int:
                             os.path.join(out_dir, "node-divergences.jsonl")], stdout=log, stderr=log)
     try:
         out["serving_after_seconds"] = round(wait_endpoint(run), 1)
+        c = out["collector"] = {}
+        c["rss_start"], c["compiler_mapped_start"] = footprint(run.pid)
         high_workload(mount, version, out)
         victim_workload(mount, version, out)
         s = scrape()
+        c["rss_after"], c["compiler_mapped_after"] = footprint(run.pid)
+        c["episodes"] = sum(v for (n, _ls), v in s.items() if n == "memcgscope_episodes_total")
+        c["lost"] = sum(v for (n, _ls), v in s.items() if n == "memcgscope_events_lost_total")
         out["divergences"] = {f"{dict(ls).get('check')}:{dict(ls).get('reason')}": v for (n, ls), v in s.items()
                               if n == "memcgscope_divergences_total" and v}
         out["mode"] = [dict(ls).get("mode") for (n, ls), _ in s.items() if n == "memcgscope_build_info"]

@@ -11,6 +11,7 @@ Steps (default: DEFAULT, in this order):
   node     guest_node_workload.py (memcgscope run, scraped) -> node.json
   delegated  guest_delegated.py (validate alone in a v2 cgroup) -> delegated.json
   command  guest_command.py (validate -- CMD: one OOMs, one fits) -> command.json
+  loader   guest_loader_workload.py (a killed collector leaves nothing, kprobe and fentry) -> loader.json
 OUTDIR/steps.json: each step's exit status and seconds; OUTDIR/STEP.dmesg
 the kernel's messages during the step. `validate` runs
 after this script (collector/validate/vm.py's guest_command: it turns swap
@@ -42,6 +43,7 @@ STEPS = {
     "node": (lambda o: f"{PY} {HERE}/guest_node_workload.py {o}/node.json", 600),
     "delegated": (lambda o: f"{PY} {HERE}/guest_delegated.py {o}/delegated.json", 300),
     "command": (lambda o: f"{PY} {HERE}/guest_command.py {o}/command.json", 600),
+    "loader": (lambda o: f"{PY} {HERE}/guest_loader_workload.py {o}/loader.json", 900),
 }
 #: the steps run when none are named (`delegated` and `command` run where
 #: conftest.py's ONE_GUEST asks)
