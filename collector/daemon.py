@@ -203,7 +203,8 @@ class Daemon:
             else:
                 raw[path] = snap
         if self.pipeline is not None:
-            self.pipeline.check_aggregates(raw, {c: p for c, p in watched.items() if p in raw}, aggregates)
+            checked = {c: p for c, p in watched.items() if p in raw}
+            self.pipeline.check_aggregates(raw, checked, aggregates, busy=self._busy(checked))
         removed, released = self.watch.sweep(gone)
         forget = {cgid for cgid, _ in removed} | self.watch.take_excluded()
         if forget:
@@ -234,6 +235,24 @@ class Daemon:
                 gone_labels = set(released)
                 self._episodes = Counter({k: n for k, n in self._episodes.items() if k[0] not in gone_labels})
             self._view = View(labels, by_label, identities)
+
+    def _busy(self, watched: dict) -> set:
+        """Watched cgroups at or above a cgroup with a charge or limit write
+        in progress (a limit's ``max`` events are raised at the failing
+        ancestor's level): their aggregate window stays open until it ends.
+        An episode on a cgroup whose path is unknown holds every window."""
+        in_flight = getattr(self.session, "in_flight", None)
+        open_ids = in_flight() if in_flight is not None else set()
+        if not open_ids:
+            return set()
+        paths = []
+        for cid in open_ids:
+            path = watched.get(cid) or self.watch.resolver.path(cid)
+            if path is None:
+                return set(watched)
+            paths.append(path)
+        return {cid for cid, w in watched.items()
+                if any(p == w or w == "/" or p.startswith(w.rstrip("/") + "/") for p in paths)}
 
     # --- the loop -----------------------------------------------------------------
 

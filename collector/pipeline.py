@@ -94,11 +94,12 @@ class CheckPipeline:
         self._count(result, episode, kind)
         return result
 
-    def check_aggregates(self, raw: Mapping, watched: Mapping, aggregates) -> CheckResult:
+    def check_aggregates(self, raw: Mapping, watched: Mapping, aggregates, busy=()) -> CheckResult:
         """The interval's aggregate checks (cgroupfs counters against what
-        the episodes fed since the last call imply)."""
+        the episodes fed since the last call imply); ``busy`` cgroups (an
+        episode in progress at or below them) stay open to the next call."""
         try:
-            result = self.aggregates.check(raw, watched, None, aggregates)
+            result = self.aggregates.check(raw, watched, None, aggregates, busy=busy)
         except Exception as e:
             result = self._replay_error("aggregate", e, None)
         self._count(result, None, None)

@@ -170,6 +170,13 @@ class EpisodeAssembler:
         if not self._open.get(tid):
             self._open.pop(tid, None)
 
+    def open_cgroups(self, since_ns: int = 0) -> set[int]:
+        """Cgroup ids of the charge and limit-write episodes still open (their
+        exit not seen yet) that started at or after ``since_ns`` (older ones
+        lost their exit: a missed return probe)."""
+        return {ep.cgroup_id for slots in self._open.values() for kind, ep in slots.items()
+                if kind in ("charge", "limit") and ep.ts_ns >= since_ns}
+
     def flush(self) -> list[Episode]:
         """Episodes still open (at close): returned incomplete."""
         out = []

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 
 from . import attach as _attach
@@ -332,6 +333,15 @@ class Session:
             for ep in out:
                 self.on_episode(ep)
         return out
+
+    def in_flight(self, max_age_s: float = 30.0) -> set[int]:
+        """Cgroup ids with a charge or limit-write episode in progress: its
+        steps seen (events it raised are in the cgroup's files already), its
+        exit not yet. Episodes open longer than ``max_age_s`` lost their exit
+        and are not counted. Timestamps are bpf_ktime_get_ns, CLOCK_MONOTONIC."""
+        if self.assembler is None:
+            return set()
+        return self.assembler.open_cgroups(time.monotonic_ns() - int(max_age_s * 1e9))
 
     def finish(self) -> list:
         """Consumes what is buffered and returns it plus episodes left open."""

@@ -5,7 +5,7 @@ episodes of an interval imply, per watched cgroup."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from memcgscope.model import get_profile
@@ -187,29 +187,51 @@ class AggregateChecker:
         return out
 
     # -- the daemon's entry point -------------------------------------------------------
-    def check(self, raw: Mapping, watched: Mapping, window=None, aggregates=None) -> CheckResult:
+    def check(self, raw: Mapping, watched: Mapping, window=None, aggregates=None,
+              busy: Collection[int] = ()) -> CheckResult:
         """``window``: the interval's episodes to replay here; None when the
         caller already fed each episode's CheckResult to ``observe`` (the
         daemon does: every episode is replayed once, by its CrossChecker).
-        Observed counts are consumed: the next interval starts from zero."""
+        ``busy``: watched cgroups with an episode in progress at or below
+        them. Their files already count what that episode raised (a ``max``
+        per reclaim pass of an OOM loop: dozens) while its replay comes with
+        its exit, so their window is not closed now: no check, the baseline
+        and what was observed for them carry over to the next interval.
+        Observed counts of the others are consumed: their next interval
+        starts from zero."""
         res = CheckResult()
         if window is not None:
             self.reset()
             self.observe_episodes(window)
+        busy = set(busy)
         try:
-            self._check_window(raw, watched, aggregates, res)
+            self._check_window(raw, watched, aggregates, res, busy)
         finally:
-            self.reset()
+            self._reset_except(busy)
         return res
 
-    def _check_window(self, raw: Mapping, watched: Mapping, aggregates, res: CheckResult) -> None:
+    def _reset_except(self, keep: set) -> None:
+        if not keep:
+            self.reset()
+            return
+        failures = Counter({k: n for k, n in self.failures.items() if k[0] in keep})
+        events = Counter({k: n for k, n in self.events.items() if k[0] in keep})
+        victims = Counter({k: n for k, n in self.victims.items() if k in keep})
+        # kills of unknown cgroups only widen the allowance of the one-sided
+        # oom_kill check: carried while a window stays open, so it keeps them
+        unknown = self.unknown_victims
+        self.reset()
+        self.failures, self.events, self.victims, self.unknown_victims = failures, events, victims, unknown
+
+    def _check_window(self, raw: Mapping, watched: Mapping, aggregates, res: CheckResult,
+                      busy: Collection[int] = ()) -> None:
         kagg = getattr(aggregates, "cgroups", None) or {}
         lost_now = sum(getattr(aggregates, "lost_per_cpu", None) or [])
         lost = max(0, lost_now - self._prev_lost) if self._prev_lost is not None else 0
         self._prev_lost = lost_now
         for cid, path in watched.items():
             snap = raw.get(path)
-            if snap is None:
+            if snap is None or cid in busy:
                 continue
             ka = kagg.get(cid)
             kfail = dict(getattr(ka, "counter_failures", None) or {})

@@ -314,7 +314,7 @@ def test_aggregate_check_uses_the_episode_replays_already_done(tree):
         def observe(self, result):
             observed.append(result.tag)
 
-        def check(self, raw, watched, window, agg):
+        def check(self, raw, watched, window, agg, busy=()):
             checked.append(window)
             return SimpleNamespace(checks=[("failcnt", "ok")], divergences=[])
 
