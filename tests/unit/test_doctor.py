@@ -1,5 +1,6 @@
 """doctor's logic over /proc and /sys captured from real kernels:
-this host (6.18, v1) and Debian 6.1 (v1, v2) and 6.12 (v2) guests."""
+this host (6.18, v1) and Debian 5.10 (v1), 6.1 (v1, v2), 6.12 (v2) and 7.3
+(v2) guests."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 import pytest
 
 from memcgscope.collector import cli
-from memcgscope.collector.doctor_cmd import format_table
+from memcgscope.collector.doctor_cmd import format_table, profile_section
 from memcgscope.probes.capture import load_recorded_checks
 from memcgscope.probes.detect import detect
 from memcgscope.probes.sysroot import SysRoot
@@ -68,6 +69,50 @@ def test_guests_use_fentry(name, series, cgroup):
         assert r.cgroups.v1_memory and r.cgroups.swap_accounting is True
     else:
         assert r.cgroups.v1_memory is None and r.cgroups.v2_memory
+
+
+#: what each Debian build has, by the captures doctor --capture took in the
+#: VM tier's guests (tests/unit/data/import_vm.py brings them in)
+BUILDS = {
+    # 5.10: try_charge (try_charge_memcg is 5.15+); no bpf_get_func_arg (5.17+)
+    "debian-5.10-v1": dict(series="5.10", charge_core="try_charge", page_charge="mem_cgroup_charge",
+                           resize_max=True, args="trampoline frame", memcg_tracepoints=False),
+    "debian-7.3-v2": dict(series="7.3", charge_core="try_charge_memcg", page_charge="__mem_cgroup_charge",
+                          resize_max=False, args="bpf_get_func_arg", memcg_tracepoints=True),
+}
+
+
+@pytest.mark.parametrize("name", [n for n in BUILDS if os.path.isdir(os.path.join(SYSROOTS, n))])
+def test_guest_builds(name):
+    b = BUILDS[name]
+    r = report_for(name)
+    assert r.kernel.startswith(b["series"] + "."), r.kernel
+    assert r.mode == "fentry" and r.modes["kprobe"].usable
+    assert b["args"] in r.checks["fentry"].detail, r.checks["fentry"].detail
+    assert r.function("try_charge_memcg").symbol == b["charge_core"]
+    assert r.function("try_charge_memcg").probeable is True
+    assert r.function("__mem_cgroup_charge").symbol == b["page_charge"]
+    assert r.function("mem_cgroup_resize_max").present is b["resize_max"]
+    # the memcg:* tracepoints arrived in 6.13
+    assert r.tracepoints["memcg:count_memcg_events"] is b["memcg_tracepoints"]
+    # the profile from uname -v (Debian 5.10's release says only 5.10.0)
+    assert profile_section(r)["profile"] == b["series"], profile_section(r)
+
+
+def test_guest_builds_are_told_apart():
+    """The table above can fail: each capture read with another's facts
+    disagrees on at least one of them."""
+    names = [n for n in BUILDS if os.path.isdir(os.path.join(SYSROOTS, n))]
+    assert len(names) >= 2
+    for name in names:
+        for other in names:
+            if other != name:
+                with pytest.raises(AssertionError):
+                    BUILDS[name], saved = BUILDS[other], BUILDS[name]
+                    try:
+                        test_guest_builds(name)
+                    finally:
+                        BUILDS[name] = saved
 
 
 def test_clone_suffixes_are_found(tmp_path):
