@@ -116,18 +116,21 @@ def watch(cg):
     DAEMON.tick()
 
 
-# another writer: memory.max = 64M again and again until told to stop
+# another writer: memory.max = 64M again and again, as fast as it can (a
+# gap longer than the 16M write's 16 reclaim passes, tens of ms in TCG, would
+# let its OOM come first), until told to stop or for 3 s
 COMPETE = """
 import os, sys, time
 path, stop = sys.argv[1], sys.argv[2]
 n = 0
-while not os.path.exists(stop) and n < 2000:
+end = None
+while not os.path.exists(stop) and (end is None or time.monotonic() < end):
     with open(path, "w") as f:
         f.write("64M")
     n += 1
     if n == 1:
         print("ready", flush=True)
-    time.sleep(0.002)
+        end = time.monotonic() + 3
 print(n, flush=True)
 """
 
@@ -137,7 +140,13 @@ def superseded(s, episodes) -> dict:
     setting 64M. Kernels with "mm: memcg: stop reclaim when a limit update
     is superseded" (6.1.188, 6.12.109, 6.18.50, 7.2.4, 7.3) stop the 16M
     write's reclaim loop once the limit changed under it, and the holder
-    lives; older ones go on to the OOM, which kills it."""
+    lives. Older ones go on: if their OOM comes before the other write it
+    kills the holder; after it, mem_cgroup_out_of_memory finds margin under
+    the new limit and returns true without a kill, pass after pass (the
+    livelock the break fixes), until a signal ends the write: the workload
+    sends one (SIGUSR1 to the writing thread) a second after the other
+    writer stopped."""
+    import signal
     import threading
     with ScratchCgroup("superseded", "64M") as cg:
         watch(cg)
@@ -156,10 +165,20 @@ def superseded(s, episodes) -> dict:
                 errno_seen.append(0)
             except OSError as e:
                 errno_seen.append(e.errno)
+        # a signal that ends a kernel loop (signal_pending), not the process
+        previous = signal.signal(signal.SIGUSR1, lambda *_: None)
         t = threading.Thread(target=write)
         t.start()
-        pump(s, episodes, until=lambda: not t.is_alive())   # read the ring buffer while it writes
+        # read the ring buffer while it writes
+        pump(s, episodes, until=lambda: not t.is_alive() or other.poll() is not None)
+        grace = time.monotonic() + 1
+        pump(s, episodes, until=lambda: not t.is_alive() or time.monotonic() > grace)
+        signalled = t.is_alive()
+        if signalled:
+            signal.pthread_kill(t.ident, signal.SIGUSR1)
+            pump(s, episodes, until=lambda: not t.is_alive())
         t.join()
+        signal.signal(signal.SIGUSR1, previous)
         open(stop, "w").close()
         writes = int(other.stdout.read().split()[-1])
         other.wait()
@@ -168,7 +187,8 @@ def superseded(s, episodes) -> dict:
         alive = holder.poll() is None
         pump(s, episodes, 0.5)
         out = {"cgroup_id": cg.inode, "errno": errno_seen[0], "holder_alive": alive,
-               "holder_returncode": holder.returncode, "competing_writes": writes, "events": events(cg),
+               "holder_returncode": holder.returncode, "competing_writes": writes, "writer_signalled": signalled,
+               "events": events(cg),
                "max_after": cg.read("memory.max").strip()}
         holder.kill()
         holder.wait()
