@@ -93,6 +93,7 @@ def run(args) -> int:
     from .validate.setup import SetupError, environment
 
     command = args.items if "--" in (getattr(args, "argv", None) or []) else None
+    args.command = command   # validate.setup: a command needs no --workdir
     if args.recheck:
         if args.vm or command is not None or args.items:
             return _fail("--recheck takes a report only (and --profile, --json)")

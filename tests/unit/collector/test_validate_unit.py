@@ -234,3 +234,30 @@ def test_own_leaf_when_alone_and_refusal_when_shared(tmp_path):
     with pytest.raises(SetupError, match=r"1 other process\(es\) share this cgroup.*Delegate=yes"):
         _own_leaf(str(own))
     assert sorted(os.listdir(own)) == ["cgroup.procs", "cgroup.subtree_control"]
+
+
+def test_a_command_needs_no_page_cache_workdir(tmp_path, monkeypatch):
+    """--workdir is where the scenarios' file ops write page cache: the
+    scenario suite refuses one on tmpfs; `validate -- CMD` (the command does
+    its own I/O) does not look at it (a guest's /var/tmp is tmpfs)."""
+    from argparse import Namespace
+
+    from memcgscope.collector.validate import setup
+    from memcgscope.probes.sysroot import SysRoot
+    root = tmp_path / "root"
+    (root / "proc").mkdir(parents=True)
+    (root / "proc" / "mounts").write_text("tmpfs / tmpfs rw 0 0\n")
+
+    class Reached(Exception):
+        pass
+
+    def detect(_sysroot):
+        raise Reached   # past the workdir check
+
+    monkeypatch.setattr("memcgscope.probes.detect.detect", detect)
+    args = Namespace(workdir=str(tmp_path), no_probes=True, command=None)
+    with pytest.raises(setup.SetupError, match="is on tmpfs"):
+        next(setup._environment(args, SysRoot(str(root)), None, None, "v2", "/", "/"))
+    args.command = ["true"]
+    with pytest.raises(Reached):
+        next(setup._environment(args, SysRoot(str(root)), None, None, "v2", "/", "/"))
