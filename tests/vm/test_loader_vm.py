@@ -26,7 +26,10 @@ def test_a_killed_collector_leaves_nothing_attached(suite, mode):
     suite.step("loader")
     res = suite.json("loader.json")[mode]
     d, pmu = res["default"], res["pmu"]
-    for run in (d, pmu):
+    kret = sorted(t for k, t, _p in d.get("attachments", []) if k == "kretprobe")
+    # the PMU run is skipped only where it would change nothing: no kretprobe
+    assert pmu is not None or (mode == "fentry" and not kret and "error" not in d), (mode, kret, d)
+    for run in (d, pmu) if pmu is not None else (d,):
         assert "error" not in run, run
         assert not run["bcc_imported"] and run["compiler_mapped"] == 0
         assert not run["loader_alive"]
@@ -40,7 +43,6 @@ def test_a_killed_collector_leaves_nothing_attached(suite, mode):
         assert {"kprobe", "kretprobe"} <= kinds and not kinds & {"fentry", "fexit"}, kinds
     # maxactive 512: one named event per kretprobe, ours by pid; left after
     # the kill, disabled and not hit while the probed functions run
-    kret = sorted(t for k, t, _p in d["attachments"] if k == "kretprobe")
     named = d["kprobe_events_while_running"]
     assert len(named) == len(kret)
     assert all(re.match(rf"^r512:memcgscope/r{d['pid']}_\d+_\w+ \S+$", line) for line in named), named
@@ -48,8 +50,9 @@ def test_a_killed_collector_leaves_nothing_attached(suite, mode):
     assert d["kprobe_events_left"] == named
     assert d["left_enabled"] == ["0"] * len(named) and d["left_hits_moved"] == {}
     # the next start swept them; the PMU kretprobes leave nothing
-    assert pmu["kprobe_events_while_running"] == [] and pmu["kprobe_events_left"] == []
-    assert {k for k, _t, _p in pmu["attachments"]} == kinds
+    if pmu is not None:
+        assert pmu["kprobe_events_while_running"] == [] and pmu["kprobe_events_left"] == []
+        assert {k for k, _t, _p in pmu["attachments"]} == kinds
     assert res["kprobe_events_at_end"] == []
 
 
