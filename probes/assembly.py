@@ -62,6 +62,13 @@ class EpisodeAssembler:
     memsw counters are meaningful (v1 with swap accounting)."""
 
     STEP_TYPES = {EV.RECLAIM, EV.COUNTER_FAIL, EV.DRAIN, EV.OOM, EV.OOM_KILL}
+    #: steps kept per episode: a memory.max write that loops for ever (a
+    #: superseded limit on a kernel without the break,
+    #: profile limit_superseded_break: mem_cgroup_out_of_memory
+    #: returns true pass after pass) traces thousands of OOM steps a second;
+    #: past this the episode is marked incomplete (the cross-check skips it)
+    #: and further steps are counted in ``steps_dropped``
+    MAX_STEPS = 65536
 
     def __init__(self, memsw: bool = False, max_open: int = 65536):
         self.memsw = memsw
@@ -70,6 +77,7 @@ class EpisodeAssembler:
         self._open: dict[int, dict[str, Episode]] = {}
         self.orphans = 0  # events whose episode start was never seen
         self.unknown = 0  # events of a type this assembler does not know
+        self.steps_dropped = 0  # steps past MAX_STEPS of their episode
 
     def feed(self, e: Event) -> list[Episode]:
         t = e.type
@@ -78,7 +86,11 @@ class EpisodeAssembler:
             # the common case first: a step of the innermost open episode it was tagged with
             for ep in slots.values():
                 if ep.ts_ns == e.episode:
-                    ep.steps.append(_step(e, self.memsw))
+                    if len(ep.steps) < self.MAX_STEPS:
+                        ep.steps.append(_step(e, self.memsw))
+                    else:
+                        ep.complete = False
+                        self.steps_dropped += 1
                     return []
         if t == EV.CHARGE_ENTER:
             ep = Episode("charge", e.ts, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,

@@ -73,6 +73,9 @@ class Aggregates:
 
 
 class Session:
+    #: ring-buffer records read per poll() at most (see _consume)
+    CONSUME_LIMIT = 8192
+
     def __init__(self, mode: str | None = None, *, sysroot: SysRoot | None = None,
                  report=None, max_cgroups: int = 4096, ringbuf_pages: int = 256,
                  use_perf_buffer: bool | None = None, on_episode=None, memcg_state: bool = False):
@@ -318,7 +321,10 @@ class Session:
         with self._ring_lock:
             if self._ring is None:
                 return
-            records = self._ring.consume()
+            # bounded: under a flood (a kernel loop tracing thousands of steps
+            # a second) an unbounded read never finds the buffer empty and
+            # poll() never returns to its caller
+            records = self._ring.consume(limit=self.CONSUME_LIMIT)
         for r in records:
             if len(r) >= EVENT_SIZE:
                 self._pending.append(decode_bytes(r))

@@ -118,7 +118,9 @@ def watch(cg):
 
 # another writer: memory.max = 64M again and again, as fast as it can (a
 # gap longer than the 16M write's 16 reclaim passes, tens of ms in TCG, would
-# let its OOM come first), until told to stop or for 3 s
+# let its OOM come first), until told to stop or for 1 s (without the break
+# the 16M write loops from its first landing to the signal: ~10k OOM steps a
+# second under TCG, and an episode keeps 65536: probes/assembly.py MAX_STEPS)
 COMPETE = """
 import os, sys, time
 path, stop = sys.argv[1], sys.argv[2]
@@ -130,7 +132,7 @@ while not os.path.exists(stop) and (end is None or time.monotonic() < end):
     n += 1
     if n == 1:
         print("ready", flush=True)
-        end = time.monotonic() + 3
+        end = time.monotonic() + 1
 print(n, flush=True)
 """
 
@@ -144,7 +146,7 @@ def superseded(s, episodes) -> dict:
     kills the holder; after it, mem_cgroup_out_of_memory finds margin under
     the new limit and returns true without a kill, pass after pass (the
     livelock the break fixes), until a signal ends the write: the workload
-    sends one (SIGUSR1 to the writing thread) a second after the other
+    sends one (SIGUSR1 to the writing thread) half a second after the other
     writer stopped."""
     import signal
     import threading
@@ -171,7 +173,7 @@ def superseded(s, episodes) -> dict:
         t.start()
         # read the ring buffer while it writes
         pump(s, episodes, until=lambda: not t.is_alive() or other.poll() is not None)
-        grace = time.monotonic() + 1
+        grace = time.monotonic() + 0.5
         pump(s, episodes, until=lambda: not t.is_alive() or time.monotonic() > grace)
         signalled = t.is_alive()
         if signalled:
