@@ -111,8 +111,10 @@ def test_superseded_limit_write(suite, mode):
     the break (profile limit_superseded_break: 6.1.188+, 6.12.109+,
     6.18.50+, 7.2.4+, 7.3) stop reclaiming and the holder lives; older ones
     go on: to an OOM that kills it, or (the other write first) to OOM calls
-    that kill nothing until the workload's signal ends the write. Either way
-    the live cross-check agreed
+    that kill nothing until the workload's signal ends the write, hundreds
+    of thousands a second: there the probes are detached for it (the ring
+    buffer cannot hold the flood until the BPF side run-length encodes the
+    OOM loop) and memory.events tells. Where probed, the live cross-check agreed
     (test_probes_in_guest), and the recording tells the two apart
     (tests/unit/test_discrimination.py)."""
     from memcgscope.model.profiles import get_profile
@@ -124,18 +126,22 @@ def test_superseded_limit_write(suite, mode):
     assert w["errno"] == 0 and w["competing_writes"] > 0 and w["max_after"] == str(64 << 20), w
     writes = [e for e in res["episodes"] if e["kind"] == "limit_write" and e["cgroup_id"] == w["cgroup_id"]
               and e.get("text", "").startswith("16M")]
+    brk = get_profile(res["profile"]).limit_superseded_break
+    assert w["probed"] == brk, w
+    if not brk:
+        # probes detached (the livelock floods any ring buffer): the kernel's side
+        assert not writes, writes
+        if w["writer_signalled"]:
+            # the other write came first: the loop spun, one oom event a pass,
+            # killing nothing, until the signal
+            assert w["holder_alive"] and int(w["events"]["oom_kill"]) == 0, w
+            assert int(w["events"]["oom"]) > 100, w
+        else:
+            assert not w["holder_alive"] and int(w["events"]["oom_kill"]) >= 1, w
+        return
     assert len(writes) == 1 and writes[0]["ret"] == 3, writes
     ooms = [s for s in writes[0]["steps"] if s["kind"] == "oom"]
     steps = writes[0]["steps"]
-    if get_profile(res["profile"]).limit_superseded_break:
-        # the loop ends by itself once the limit is no longer 16M
-        assert w["holder_alive"] and not ooms and not w["writer_signalled"], (w, steps[:20])
-        assert writes[0]["exit"]["max"] == (64 << 20) >> 12, writes[0]["exit"]
-    elif w["writer_signalled"]:
-        # the other write came first: OOM calls that kill nothing (margin
-        # under 64M) and return true, until the signal
-        assert w["holder_alive"] and int(w["events"]["oom_kill"]) == 0, (w, steps[:20])
-        assert len(ooms) > 1 and all(o["result"] for o in ooms), (len(ooms), steps[:20])
-    else:
-        # the OOM came first and killed the holder
-        assert not w["holder_alive"] and ooms and ooms[-1]["result"], (w, steps[:20])
+    # the loop ends by itself once the limit is no longer 16M
+    assert w["holder_alive"] and not ooms and not w["writer_signalled"], (w, steps[:20])
+    assert writes[0]["exit"]["max"] == (64 << 20) >> 12, writes[0]["exit"]
