@@ -114,30 +114,26 @@ def _vm_root(tmp_path_factory):
     return tmp_path_factory.mktemp("vm")
 
 
-@pytest.fixture(scope="session", params=GUESTS, ids=[g.name for g in GUESTS])
-def suite(request, _vm_root) -> SuiteRun:
-    """The one boot of a guest configuration (cached for the session)."""
-    g = request.param
+def _booted(g, root) -> SuiteRun:
+    """The one boot of guest configuration ``g`` (cached for the session)."""
     try:
         preflight(g)
     except GuestError as e:
         pytest.fail(str(e))
     if g.name not in _RUNS:
-        _RUNS[g.name] = boot_suite(g, _vm_root)
+        _RUNS[g.name] = boot_suite(g, root)
     return _RUNS[g.name]
+
+
+@pytest.fixture(scope="session", params=GUESTS, ids=[g.name for g in GUESTS])
+def suite(request, _vm_root) -> SuiteRun:
+    return _booted(request.param, _vm_root)
 
 
 @pytest.fixture(scope="session")
 def one_guest_suite(_vm_root) -> SuiteRun:
-    """The boot of ONE_GUEST (the same one `suite` uses for it)."""
-    g = {x.name: x for x in GUESTS}[ONE_GUEST]
-    try:
-        preflight(g)
-    except GuestError as e:
-        pytest.fail(str(e))
-    if g.name not in _RUNS:
-        _RUNS[g.name] = boot_suite(g, _vm_root)
-    return _RUNS[g.name]
+    """ONE_GUEST's boot (the same one `suite` uses for it)."""
+    return _booted({x.name: x for x in GUESTS}[ONE_GUEST], _vm_root)
 
 
 def pytest_collection_modifyitems(items):
