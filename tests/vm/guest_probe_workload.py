@@ -52,7 +52,11 @@ DAEMON = None  # the collector's own loop body, fed every episode (the live cros
 def pump(session, episodes, seconds=0.0, until=None):
     deadline = time.monotonic() + seconds
     while True:
-        new = session.poll(timeout_ms=50)
+        if session is None:   # no session (superseded() without the break): wait
+            time.sleep(0.05)
+            new = []
+        else:
+            new = session.poll(timeout_ms=50)
         episodes.extend(new)
         if DAEMON is not None:
             for ep in new:
@@ -138,7 +142,7 @@ print(n, flush=True)
 """
 
 
-def superseded(s, episodes, probed: bool = True) -> dict:
+def superseded(s, episodes) -> dict:
     """v2: memory.max = 16M below a 48M holder while another writer keeps
     setting 64M. Kernels with "mm: memcg: stop reclaim when a limit update
     is superseded" (6.1.188, 6.12.109, 6.18.50, 7.2.4, 7.3) stop the 16M
@@ -150,23 +154,16 @@ def superseded(s, episodes, probed: bool = True) -> dict:
     sends one (SIGUSR1 to the writing thread) half a second after the other
     writer stopped.
 
-    ``probed`` False (kernels without the break): that loop traces 300k-600k
-    OOM steps a second (5.10.262 and 6.18.15 guests, TCG), more than any ring
+    ``s`` None (kernels without the break): that loop traces 300k-600k OOM
+    steps a second (5.10.262 and 6.18.15 guests, TCG), more than any ring
     buffer holds until the OOM retry loop is run-length encoded in the BPF
-    side; the probes are detached for this workload and its cgroup is not
-    watched, and the kernel's side is read from memory.events."""
-    if not probed:
-        s.pause()
-    try:
-        return _superseded(s, episodes, probed)
-    finally:
-        if not probed:
-            s.resume()
-
-
-def _superseded(s, episodes, probed):
+    side; the workload runs after the session closed (pause/resume cannot
+    serve: 5.10 refuses to attach an fentry program again,
+    bpf_tracing_prog_attach's -ENOENT) and memory.events tells the kernel's
+    side."""
     import signal
     import threading
+    probed = s is not None
     with ScratchCgroup("superseded", "64M") as cg:
         if probed:
             watch(cg)
@@ -213,8 +210,9 @@ def _superseded(s, episodes, probed):
                "max_after": cg.read("memory.max").strip()}
         holder.kill()
         holder.wait()
-        pump(s, episodes, 0.5)
-        DAEMON.tick()
+        if probed:
+            pump(s, episodes, 0.5)
+            DAEMON.tick()
         return out
 
 
@@ -317,9 +315,9 @@ def main() -> int:
             pump(s, episodes, 0.5)
             DAEMON.tick()
 
-        if version == "v2":
-            result["workloads"]["superseded"] = superseded(
-                s, episodes, probed=get_profile(profile).limit_superseded_break)
+        brk = get_profile(profile).limit_superseded_break
+        if version == "v2" and brk:
+            result["workloads"]["superseded"] = superseded(s, episodes)
         for ep in s.finish():
             episodes.append(ep)
             DAEMON.handle(ep)
@@ -332,6 +330,9 @@ def main() -> int:
             "records": [json.loads(line) for line in open(div_path)][:20] if os.path.exists(div_path) else []}
         result["lost"] = s.lost()
         result["orphans"] = s.assembler.orphans
+    if version == "v2" and not brk:
+        # after the session: nothing attached (see superseded)
+        result["workloads"]["superseded"] = superseded(None, episodes)
     result["episodes"] = [e.to_json() for e in episodes]
     result["cgroups"] = CGROUPS
     if jsonl:
