@@ -269,7 +269,13 @@ class Session:
                 self._attach(kind, target, prog)
             except _attach.AttachError as e:
                 if kind not in ("kprobe", "kretprobe"):
-                    raise SessionError(f"re-attaching {prog}: {e}") from e
+                    # 5.10.262 attaches a tracing program once: its first link
+                    # gone, bpf_tracing_prog_attach (kernel/bpf/syscall.c) says
+                    # ENOENT (6.1 and 6.12 re-attach: bench_probes_vm.py ran there)
+                    hint = ("; this kernel attaches an fentry/fexit program only once: "
+                            "open a new Session instead of resume(), or use kprobe mode"
+                            if kind in ("fentry", "fexit") and "No such file" in str(e) else "")
+                    raise SessionError(f"re-attaching {prog}: {e}{hint}") from e
 
     def close(self) -> None:
         with self._lock:

@@ -158,7 +158,7 @@ def superseded(s, episodes) -> dict:
     steps a second (5.10.262 and 6.18.15 guests, TCG), more than any ring
     buffer holds until the OOM retry loop is run-length encoded in the BPF
     side; the workload runs after the session closed (pause/resume cannot
-    serve: 5.10 refuses to attach an fentry program again,
+    serve: 5.10.262 refuses to attach an fentry program again,
     bpf_tracing_prog_attach's -ENOENT) and memory.events tells the kernel's
     side."""
     import signal
