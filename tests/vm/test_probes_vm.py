@@ -115,8 +115,9 @@ def test_superseded_limit_write(suite, mode):
     of thousands a second: there the probes are detached for it (the ring
     buffer cannot hold the flood until the BPF side run-length encodes the
     OOM loop) and memory.events tells. Where probed, the live cross-check agreed
-    (test_probes_in_guest), and the recording tells the two apart
-    (tests/unit/test_discrimination.py)."""
+    (test_probes_in_guest). This test is what tells the two apart: a
+    recording replayed without the break explains the stop by a signal
+    (tests/unit/test_discrimination.py, UNREACHED)."""
     from memcgscope.model.profiles import get_profile
     if suite.guest.cgroup == "v1":
         return   # the break is in memory_max_write / memory_high_write (v2)
