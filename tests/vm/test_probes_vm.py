@@ -145,4 +145,9 @@ def test_superseded_limit_write(suite, mode):
     steps = writes[0]["steps"]
     # the loop ends by itself once the limit is no longer 16M
     assert w["holder_alive"] and not ooms and not w["writer_signalled"], (w, steps[:20])
-    assert writes[0]["exit"]["max"] == (64 << 20) >> 12, writes[0]["exit"]
+    # the counters at exit come with the write's memcg, learned from its first
+    # reclaim step; a break right after the drain has none (max_after says it)
+    if writes[0].get("exit") is not None:
+        assert writes[0]["exit"]["max"] == (64 << 20) >> 12, writes[0]["exit"]
+    else:
+        assert [s["kind"] for s in steps] == ["drain"], steps
