@@ -31,7 +31,7 @@ from . import attach as _attach
 from . import loader as _loader
 from .assembly import EpisodeAssembler
 from .detect import tracefs_mounted
-from .episodes import CALLERS, EVENT_SIZE, LIMIT_KINDS, Visibility, decode_bytes, visibility
+from .episodes import CALLERS, EV, EVENT_SIZE, LIMIT_KINDS, Visibility, decode_bytes, visibility
 from .maps import BpfMap, Layout, MapError
 from .program import COUNTED_MAPS, Program, ProbeStatus
 from .ringbuf import RingBuffer, RingBufferError
@@ -70,6 +70,10 @@ class CgroupAggregate:
 class Aggregates:
     cgroups: dict[int, CgroupAggregate]
     lost_per_cpu: list[int]
+
+
+#: events that open or close a charge or limit-write episode (Session.in_flight)
+_EPISODE_EDGES = frozenset({EV.CHARGE_ENTER, EV.CHARGE_EXIT, EV.LIMIT_ENTER, EV.LIMIT_EXIT})
 
 
 class Session:
@@ -347,13 +351,28 @@ class Session:
         return out
 
     def in_flight(self, max_age_s: float = 30.0) -> set[int]:
-        """Cgroup ids with a charge or limit-write episode in progress: its
-        steps seen (events it raised are in the cgroup's files already), its
-        exit not yet. Episodes open longer than ``max_age_s`` lost their exit
-        and are not counted. Timestamps are bpf_ktime_get_ns, CLOCK_MONOTONIC."""
+        """Cgroup ids with a charge or limit-write episode in progress (its
+        steps seen: what it raised is in the cgroup's files already, its
+        exit not yet), or whose start or end is in the ring buffer and not
+        handed out yet, and the trigger and victim of an OOM kill not handed
+        out yet. Episodes open longer than ``max_age_s`` lost their exit and
+        are not counted. Timestamps are bpf_ktime_get_ns, CLOCK_MONOTONIC."""
         if self.assembler is None:
             return set()
-        return self.assembler.open_cgroups(time.monotonic_ns() - int(max_age_s * 1e9))
+        # what the ring buffer holds now counts too: a caller that read the
+        # cgroup files a moment ago must see episodes begun (or ended) since
+        # the last poll. Read into the pending events, which the next poll()
+        # hands out as usual.
+        self._consume()
+        ids = self.assembler.open_cgroups(time.monotonic_ns() - int(max_age_s * 1e9))
+        for e in self._pending:
+            if e.type in _EPISODE_EDGES:
+                ids.add(e.cgid)
+            elif e.type == EV.OOM_KILL:
+                ids.add(e.cgid)
+                if e.flags & 2:
+                    ids.add(e.arg1)   # the victim's own memcg (assembly._victim)
+        return ids
 
     def finish(self) -> list:
         """Consumes what is buffered and returns it plus episodes left open."""

@@ -115,3 +115,38 @@ def test_the_assembler_names_open_charges_and_limit_writes():
     assert a.open_cgroups() == {CHILD, PARENT, SIBLING}
     a.feed(_ev(EV.CHARGE_EXIT, now + 5, tid=1, cgid=CHILD))
     assert a.open_cgroups(now - 30 * 10**9) == {PARENT}
+
+
+def test_in_flight_reads_what_the_ring_buffer_holds_now():
+    """The window the 6.18 guest's node run split although the episode was
+    tracked: the OOM charge began and raised its 20 max events between the
+    last poll and the cgroupfs read. in_flight() reads the ring buffer at
+    the moment it is asked (after the read), without handing anything out."""
+    import threading
+
+    from memcgscope.probes.session import Session
+
+    now = time.monotonic_ns()
+    edges = [_ev(EV.CHARGE_ENTER, now, tid=1, cgid=CHILD), _ev(EV.LIMIT_EXIT, now, tid=2, cgid=SIBLING),
+             _ev(EV.OOM_KILL, now, tid=3, cgid=PARENT, arg1=77, flags=2)]
+
+    from dataclasses import astuple
+
+    from memcgscope.probes.episodes import _EVENT
+
+    def pack(e):   # the bytes the BPF side writes (decode_bytes reads them back)
+        return _EVENT.pack(*(v if not isinstance(v, str) else v.encode() for v in astuple(e)))
+
+    class Ring:
+        def consume(self, limit=None):
+            out, edges[:] = [pack(e) for e in edges], []
+            return out
+
+    s = Session.__new__(Session)
+    s._ring_lock = threading.Lock()
+    s._ring = Ring()
+    s._pending = []
+    s.assembler = EpisodeAssembler()
+    assert s.in_flight() == {CHILD, SIBLING, PARENT, 77}
+    # nothing handed out: the next poll gets them
+    assert len(s._pending) == 3
