@@ -42,7 +42,13 @@ def test_node_view_in_guest(suite):
     # the OOM ran for the parent (b's charge met the parent's limit) and killed a's task
     assert v["kills"]["parent"] and v["kills"]["parent"] >= 1, v
     assert v["victims"]["a"] and v["victims"]["a"] >= 1, v
-    assert not v["victims"]["b"] and not v["victims"]["parent"], v
+    assert not v["victims"]["parent"], v
+    # every kill of the parent's OOM has its victim's cgroup; b's charger can
+    # be a second one: a later OOM round of the parent, a's task killed but
+    # its memory not yet given back (seen once on 7.3.4 under TCG, the
+    # episodes agreeing with the model)
+    assert v["victims"]["a"] + (v["victims"]["b"] or 0) == v["kills"]["parent"], v
     if suite.guest.cgroup == "v2":
         assert int(v["events"]["a"]["oom_kill"]) == v["victims"]["a"], v["events"]
-        assert int(v["events"]["b"]["oom_kill"]) == 0 and int(v["events"]["parent"]["oom"]) >= 1, v["events"]
+        assert int(v["events"]["b"]["oom_kill"]) == (v["victims"]["b"] or 0), v["events"]
+        assert int(v["events"]["parent"]["oom"]) >= 1, v["events"]
