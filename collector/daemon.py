@@ -240,7 +240,10 @@ class Daemon:
         """Watched cgroups at or above a cgroup with a charge or limit write
         in progress (a limit's ``max`` events are raised at the failing
         ancestor's level): their aggregate window stays open until it ends.
-        An episode on a cgroup whose path is unknown holds every window."""
+        An episode on a cgroup whose path is unknown (removed since: a
+        task killed in its charge, its scratch cgroup gone) holds nothing:
+        holding every window for it stopped all aggregate checks in a
+        guest's probe workload."""
         in_flight = getattr(self.session, "in_flight", None)
         open_ids = in_flight() if in_flight is not None else set()
         if not open_ids:
@@ -248,9 +251,8 @@ class Daemon:
         paths = []
         for cid in open_ids:
             path = watched.get(cid) or self.watch.resolver.path(cid)
-            if path is None:
-                return set(watched)
-            paths.append(path)
+            if path is not None:
+                paths.append(path)
         return {cid for cid, w in watched.items()
                 if any(p == w or w == "/" or p.startswith(w.rstrip("/") + "/") for p in paths)}
 

@@ -97,8 +97,9 @@ def test_busy_is_the_open_episodes_cgroup_and_its_ancestors():
     assert _daemon({99}, {99: "/p/a/x"})._busy(WATCHED) == {PARENT, CHILD}
     # a prefix of a name is not an ancestor
     assert _daemon({99}, {99: "/p/ab"})._busy(WATCHED) == {PARENT}
-    # unknown path: every window waits
-    assert _daemon({98})._busy(WATCHED) == set(WATCHED)
+    # unknown path (a removed cgroup): it holds no window
+    assert _daemon({98})._busy(WATCHED) == set()
+    assert _daemon({98, CHILD})._busy(WATCHED) == {PARENT, CHILD}
 
 
 def _ev(type_, ts, tid=7, cgid=CHILD, **kw):
