@@ -47,6 +47,7 @@ if len(sys.argv) > 2:
 
 
 DAEMON = None  # the collector's own loop body, fed every episode (the live cross-check)
+EPISODES: list = []  # main's episode list (watch() pumps into it)
 
 
 def pump(session, episodes, seconds=0.0, until=None):
@@ -118,6 +119,10 @@ def watch(cg):
     CGROUPS[str(cg.inode)] = "/" + os.path.relpath(cg.path, DAEMON.watch.resolver.mountpoint)
     DAEMON.watch.resolver.rescan()
     DAEMON.watch.observe(cg.inode)
+    # hand out the memory.max write that made the cgroup first: with its
+    # episode still in the ring buffer the tick would hold the cgroup's
+    # window (Session.in_flight) and take no baseline
+    pump(DAEMON.session, EPISODES, 0.2)
     DAEMON.tick()
 
 
@@ -217,7 +222,7 @@ def superseded(s, episodes) -> dict:
 
 
 def main() -> int:
-    global DAEMON
+    global DAEMON, EPISODES
     mode, out_path = sys.argv[1], sys.argv[2]
     jsonl = sys.argv[4] if len(sys.argv) > 4 and sys.argv[3] == "--episodes" else None
     with open("/sys/kernel/mm/transparent_hugepage/enabled", "w") as f:
@@ -225,6 +230,7 @@ def main() -> int:
     _, version = own_memory_cgroup_dir()
     result = {"mode_requested": mode, "version": version, "workloads": {}}
     episodes: list = []
+    EPISODES = episodes
     t0 = time.monotonic()
     with Session(mode) as s:
         result["open_seconds"] = round(time.monotonic() - t0, 1)
