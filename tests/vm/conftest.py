@@ -36,6 +36,9 @@ SUITE_TIMEOUT = float(os.environ.get("MEMCGSCOPE_VM_SUITE_TIMEOUT", 2700))
 #: subtree_control and no-internal-process rules are the same 5.10 -> 7.3),
 #: and each run costs bcc compiles (tens of seconds in TCG; ~90 s a guest)
 ONE_GUEST = "debian-6.12-v2"
+#: (the loader step, a killed collector leaving nothing in kprobe and fentry
+#: mode, needs a kernel where both attach: 6.12; the collector's footprint
+#: is checked in every guest from the node step)
 ONE_GUEST_STEPS = ("delegated", "command", "loader")
 
 
@@ -73,11 +76,6 @@ class SuiteRun:
 
 
 _RUNS: dict[str, SuiteRun] = {}
-#: the loader step (a killed collector leaves nothing, kprobe and fentry)
-#: runs in ONE_GUEST: four session starts, each a bcc compile (about a
-#: minute under TCG); 6.12 attaches both modes. The collector's footprint
-#: is checked in every guest from the node step
-LOADER_GUEST = ONE_GUEST
 
 
 def boot_suite(guest, root: Path) -> SuiteRun:

@@ -3,7 +3,7 @@ fentry attach: a SIGKILLed collector leaves no program attached; the named
 kretprobe events a maxactive needs stay only as disabled, inert definitions
 until the next start removes them; with MEMCGSCOPE_KRETPROBE_MAXACTIVE=0
 (the kprobe PMU) nothing at all appears in kprobe_events (the suite's
-`loader` step, guest_loader_workload.py, in conftest.LOADER_GUEST only).
+`loader` step, guest_loader_workload.py, in conftest.ONE_GUEST only).
 In every guest, `memcgscope run` (the node step, in the mode the guest's
 kernel gets) maps no compiler and stays within 64 MB after start and after
 the node workloads, which reclaim."""
@@ -13,16 +13,13 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import LOADER_GUEST
-from harness import GUESTS
 
 RSS_BOUND = 64 << 20          # issue 12: ≤ 64 MB resident after start and after an hour
 
 
-@pytest.mark.parametrize("suite", [g for g in GUESTS if g.name == LOADER_GUEST], ids=[LOADER_GUEST],
-                         indirect=True)
 @pytest.mark.parametrize("mode", ["kprobe", "fentry"])
-def test_a_killed_collector_leaves_nothing_attached(suite, mode):
+def test_a_killed_collector_leaves_nothing_attached(one_guest_suite, mode):
+    suite = one_guest_suite
     suite.step("loader")
     res = suite.json("loader.json")[mode]
     d, pmu = res["default"], res["pmu"]
