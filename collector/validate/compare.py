@@ -186,6 +186,14 @@ def compare(plan: Plan, kernel, model: ModelRun, *, profile_name: str = "") -> l
     return rows
 
 
+def _episode_brief(ep: dict) -> str:
+    kinds = [s.get("kind") for s in ep.get("steps") or ()]
+    shown = ",".join(kinds[:6]) + (f",... ({len(kinds)})" if len(kinds) > 6 else "")
+    gfp = ep.get("gfp")
+    return (f"pid {ep.get('pid', '?')} {ep.get('comm') or '?'} nr_pages={ep.get('nr_pages', '?')} "
+            f"ret={ep.get('ret', '?')}" + (f" gfp={gfp:#x}" if isinstance(gfp, int) else "") + f" steps={shown or '-'}")
+
+
 def episode_rows(plan: Plan, episodes: list, *, charges_visible: bool, ids: dict | None = None) -> list[Row]:
     """The scenario's `[validate.episodes]` rules over what the probes saw."""
     rows = []
@@ -196,8 +204,12 @@ def episode_rows(plan: Plan, episodes: list, *, charges_visible: bool, ids: dict
             rows.append(Row(plan.name, name, None, None, tol, "n/a",
                             "this probe mode does not see charges (tracepoint mode)"))
             continue
-        n = sum(1 for ep in episodes if rule.matches(ep, ids))
-        rows.append(Row(plan.name, name, n, None, tol, "agree" if tol.admits(n, None) else "disagree"))
+        hits = [ep for ep in episodes if rule.matches(ep, ids)]
+        ok = tol.admits(len(hits), None)
+        # a bound exceeded shows the episodes that exceeded it: who charged,
+        # how, what happened (khugepaged's collapse was found this way)
+        note = "" if ok or not hits else "e.g. " + "; ".join(_episode_brief(ep) for ep in hits[:3])
+        rows.append(Row(plan.name, name, len(hits), None, tol, "agree" if ok else "disagree", note))
     return rows
 
 

@@ -83,9 +83,10 @@ class Tolerance:
 @dataclass(frozen=True)
 class EpisodeRule:
     """``<kind> cond ...`` over episodes: cond is ``field=V``, ``field>=V``,
-    ``field<=V`` (nr_pages, ret, gfp, ...), ``steps=a,b`` (exact step
-    kinds), ``has=kind`` or ``no=kind`` (a step kind present or absent;
-    ``kind@cgroup``: a step on that scenario cgroup)."""
+    ``field<=V``, ``field!=V`` (nr_pages, ret, gfp, ...), ``comm=NAME`` or
+    ``comm!=NAME`` (the charging task's name, e.g. khugepaged), ``steps=a,b``
+    (exact step kinds), ``has=kind`` or ``no=kind`` (a step kind present or
+    absent; ``kind@cgroup``: a step on that scenario cgroup)."""
     text: str
     kind: str
     conds: tuple
@@ -117,11 +118,15 @@ class EpisodeRule:
             elif name == "no":
                 if present(value):
                     return False
+            elif name == "comm":
+                if (ep.get("comm") == value) != (op == "="):
+                    return False
             else:
                 v = ep.get(name)
                 if not isinstance(v, int):
                     return False
-                if (op == "=" and v != value) or (op == ">=" and v < value) or (op == "<=" and v > value):
+                if ((op == "=" and v != value) or (op == "!=" and v == value) or (op == ">=" and v < value)
+                        or (op == "<=" and v > value)):
                     return False
         return True
 
@@ -192,7 +197,7 @@ def _tolerance(name, where, spec) -> Tolerance:
     raise _err(name, where, f"{sorted(keys)}: use one of exact = true, abs = N, min/max = N, zero_iff = true")
 
 
-_COND = re.compile(r"^(\w+)(>=|<=|=)(.+)$")
+_COND = re.compile(r"^(\w+)(>=|<=|!=|=)(.+)$")
 
 
 def _episode_rule(name, where, text, spec) -> EpisodeRule:
@@ -203,9 +208,16 @@ def _episode_rule(name, where, text, spec) -> EpisodeRule:
     for p in parts[1:]:
         m = _COND.match(p)
         if not m:
-            raise _err(name, where, f"condition {p!r}: use field=V, field>=V, field<=V, steps=a,b, has=K, no=K")
+            raise _err(name, where, f"condition {p!r}: use field=V, field>=V, field<=V, field!=V, "
+                                    f"comm=NAME, steps=a,b, has=K, no=K")
         key, op, value = m.groups()
-        if key == "steps":
+        if key in ("steps", "has", "no") and op != "=":
+            raise _err(name, where, f"condition {p!r}: {key} takes =; no=K is a step kind absent")
+        if key == "comm" and op not in ("=", "!="):
+            raise _err(name, where, f"condition {p!r}: comm takes = or !=")
+        if key == "comm":
+            conds.append((key, op, value))
+        elif key == "steps":
             conds.append((key, op, value.split(",")))
         elif key in ("has", "no"):
             conds.append((key, op, value))

@@ -4,6 +4,7 @@ on stdin, one per line, and answers on stdout.
     enter PATH          move itself into the cgroup whose cgroup.procs is PATH
     thp never           disable transparent huge pages for itself (prctl)
     anon PAGES          map PAGES of anonymous memory and write to each page
+                        (then MADV_NOHUGEPAGE: khugepaged leaves it alone)
     huge PAGES          the same in 2 MiB-aligned ranges with THP allowed for
                         the touch (each range's first fault tries a huge page)
     file PATH PAGES     write PAGES of page cache to PATH, flushed as it goes
@@ -94,6 +95,10 @@ def main() -> int:
                     maps.append(m)
                     for off in range(0, pages * PAGE, PAGE):
                         m[off] = 1
+                    # the ranges whose huge charge fell back are what khugepaged
+                    # collapses later, charging 512 pages with reclaim: not the
+                    # scenario's (no-op where THP is off for us)
+                    m.madvise(mmap.MADV_NOHUGEPAGE)
                 reply = f"ok anon {pages}"
             elif cmd == "file":
                 path, pages = args[0], int(args[1])

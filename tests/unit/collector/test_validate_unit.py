@@ -4,6 +4,7 @@ comparison (each tolerance can fail), applicability, the 80-column table."""
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,17 @@ def test_episode_rules():
     huge_reclaim = dict(small, nr_pages=512)
     assert [r.verdict for r in episode_rows(p, [huge_fail, huge_reclaim], charges_visible=True)] == \
         ["agree", "disagree"]
+    # the claim is about faults: khugepaged's collapse charges 512 pages with
+    # GFP_TRANSHUGE and reclaims (seen in a 6.1 guest), a fault's does not
+    collapse = dict(huge_reclaim, comm="khugepaged", pid=36, gfp=0x1c24ca)
+    assert [r.verdict for r in episode_rows(p, [huge_fail, collapse], charges_visible=True)] == \
+        ["agree", "agree"]
+    fault = dict(huge_reclaim, comm="python3", pid=265, gfp=0x1c20ca)
+    rows = episode_rows(p, [huge_fail, fault, collapse], charges_visible=True)
+    assert [r.verdict for r in rows] == ["agree", "disagree"]
+    assert rows[1].kernel == 1 and "pid 265 python3 nr_pages=512" in rows[1].note, rows[1]
+    assert "gfp=0x1c20ca steps=counter_fail,reclaim" in rows[1].note and "khugepaged" not in rows[1].note
+    assert rows[0].note == ""
     assert {r.verdict for r in episode_rows(p, [], charges_visible=False)} == {"n/a"}
     h = plan("hierarchy-v2.toml")
     on_parent = {"kind": "charge", "steps": [{"kind": "reclaim", "cgroup_id": 10}]}
@@ -112,6 +124,19 @@ def test_episode_rules():
     on_child = {"kind": "charge", "steps": [{"kind": "reclaim", "cgroup_id": 11}]}
     assert [r.verdict for r in episode_rows(h, [on_child], charges_visible=True, ids=ids)] == \
         ["disagree", "disagree"]
+
+
+def test_episode_rule_conditions():
+    from memcgscope.collector.validate.plan import _episode_rule
+    r = _episode_rule("s", "w", "charge nr_pages!=1 comm=khugepaged", {"max": 0, "why": "t"})
+    ep = {"kind": "charge", "nr_pages": 512, "comm": "khugepaged"}
+    assert r.matches(ep)
+    assert not r.matches(dict(ep, nr_pages=1)) and not r.matches(dict(ep, comm="python3"))
+    assert _episode_rule("s", "w", "charge comm!=khugepaged", {"max": 0, "why": "t"}).matches(dict(ep, comm="python3"))
+    for bad, says in (("charge steps>=a", "steps takes ="), ("charge comm>=x", "comm takes = or !="),
+                      ("charge has!=reclaim", "has takes ="), ("charge nr_pages!=x", "is not an integer")):
+        with pytest.raises(PlanError, match=re.escape(says)):
+            _episode_rule("s", "w", bad, {"max": 0, "why": "t"})
 
 
 def test_applicability():
