@@ -1,7 +1,7 @@
 """Runs bench_probes.py inside the Debian guests (tests/vm/harness.py), for
 the kprobe and fentry modes this host cannot load. Root, QEMU.
 
-    python tests/bench/bench_probes_vm.py [--guests debian-6.1-v2,debian-6.12-v2]
+    python tests/bench/bench_probes_vm.py [--guests debian-6.1-v2,debian-7.3-v2]
                                           [--rounds 5] [--iters 50]
 
 The guests run under TCG (software emulation): every instruction costs
@@ -22,7 +22,7 @@ from harness import GUESTS, run_in_guest  # noqa: E402
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--guests", default="debian-6.1-v2,debian-6.12-v2")
+    ap.add_argument("--guests", default="debian-6.1-v2,debian-7.3-v2")
     ap.add_argument("--modes", default="tracepoint,kprobe,fentry")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=50)

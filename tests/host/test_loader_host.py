@@ -181,3 +181,16 @@ def test_the_rss_benchmark_runs_at_a_tiny_size():
     assert main.compiler and not mine.compiler
     assert all(c.startup_s > 0 and c.rss_start > 0 and c.rss_end > 0 and c.scrapes >= 3 for c in (main, mine))
     assert mine.rss_end <= RSS_BOUND
+
+
+def test_bench_probes_runs_with_its_empty_baseline():
+    """tests/bench/bench_probes.py for one tiny round in tracepoint mode (the
+    mode this host loads): every program it attached ran, and each has an
+    empty program of its attach type on its target measured beside it."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    import bench_probes
+    r = bench_probes.measure(["tracepoint"], rounds=1, iters=4, memcg_state=True)["tracepoint"]
+    ran = [p for p in r["programs"] if p["runs_per_page"]]
+    assert ran and r["runs_per_page"] >= 1, r
+    for p in ran:
+        assert p["ns_per_run"] and p["empty_ns_per_run"], p

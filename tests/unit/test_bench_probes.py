@@ -1,0 +1,41 @@
+"""bench_probes.py's empty-program baseline text, without root: one empty
+program per (kind, target) the session attached, named so the loader's
+program_kind reads back the same kind and target."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from memcgscope.probes.loader import program_kind
+
+pytestmark = pytest.mark.unit
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+
+import bench_probes  # noqa: E402
+
+
+def test_one_empty_program_per_kind_and_target():
+    attached = [("fentry", "try_charge_memcg", "kfunc__try_charge_memcg"),
+                ("fexit", "try_charge_memcg", "kretfunc__try_charge_memcg"),
+                ("kprobe", "__mem_cgroup_charge", "kp_page_charge_enter"),
+                ("kretprobe", "__mem_cgroup_charge", "kp_page_charge_exit"),
+                ("kprobe", "try_charge_memcg.isra.0", "kp_charge_core_enter1"),
+                ("raw_tracepoint", "mod_memcg_state", "raw_tracepoint__mod_memcg_state"),
+                ("tracepoint", "vmscan:mm_vmscan_memcg_reclaim_begin", "tracepoint__vmscan__x"),
+                ("fentry", "try_charge_memcg", "kfunc__try_charge_memcg"),      # twice: one empty
+                ("fentry", "page_counter_try_charge.cold", "kfunc__x")]          # a clone: not nameable
+    text, names = bench_probes.empty_program_text(attached)
+    assert len(names) == 7, names
+    assert len({(k, t) for k, t in names.values()}) == 7
+    for name, (kind, target) in names.items():
+        assert (name if kind in ("kprobe", "kretprobe", "tracepoint") else f"({target})") in text
+        k, t = program_kind(name)
+        if kind in ("kprobe", "kretprobe"):
+            assert k == "kprobe" and t is None       # kprobe targets come with the attachment
+        else:
+            assert (k, t) == (kind, target), name
+    assert "isra" not in "".join(n for n, (k, _) in names.items() if k == "fentry")
+    assert ("kretprobe", "__mem_cgroup_charge") in names.values()
