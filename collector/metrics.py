@@ -75,8 +75,9 @@ class MemcgCollector:
         slow = CounterMetricFamily("memcgscope_charge_slow_paths",
                                    "Charges that failed a counter and reclaimed, drained, OOMed or failed.",
                                    labels=["cgroup"])
-        latency = HistogramMetricFamily("memcgscope_charge_latency_seconds", "Time in the charge core.",
-                                        labels=["cgroup"])
+        latency = HistogramMetricFamily("memcgscope_charge_latency_seconds",
+                                        "Time in the charge core: slow charges all, fast ones sampled 1 in N "
+                                        "(run --latency-sample), each sample counted N times.", labels=["cgroup"])
         page_charges = CounterMetricFamily("memcgscope_page_charges", "Page/folio charges (__mem_cgroup_charge).",
                                            labels=["cgroup"])
         page_failures = CounterMetricFamily("memcgscope_page_charge_failures", "Page charges that failed.",

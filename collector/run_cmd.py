@@ -58,6 +58,9 @@ def add_parser(sub) -> None:
     p.add_argument("--memcg-state", action="store_true",
                    help="also count memcg:mod_memcg_lruvec_state (6.13+); it fires several times per page fault")
     p.add_argument("--ringbuf-pages", type=int, default=256, metavar="N", help="ring buffer size in pages (default 256)")
+    p.add_argument("--latency-sample", type=int, default=64, metavar="N",
+                   help="time 1 in N fast charges (each sample counts N times in memcgscope_charge_latency_seconds; "
+                        "slow charges are all timed); 1 times every charge, at two clock reads each (default 64)")
     p.add_argument("--ebpf", action="store_true", help="print the BPF program this kernel gets, and exit")
     p.set_defaults(func=run)
 
@@ -105,6 +108,8 @@ def run(args) -> int:
         return _fail(str(e), 2)
     if args.max_cgroups < 0 or args.interval <= 0 or args.ringbuf_pages <= 0 or args.ringbuf_pages & (args.ringbuf_pages - 1):
         return _fail("--max-cgroups must be ≥ 0, --interval > 0, --ringbuf-pages a power of two", 2)
+    if not 1 <= args.latency_sample <= 1 << 20:
+        return _fail(f"--latency-sample {args.latency_sample}: give N from 1 (time every charge) to {1 << 20}", 2)
     if args.profile:
         try:
             resolve_profile("", override=args.profile)
@@ -112,7 +117,8 @@ def run(args) -> int:
             return _fail(f"--profile: {e}", 2)
     if args.ebpf:
         try:
-            print_ebpf(Session(args.mode, memcg_state=args.memcg_state, ringbuf_pages=args.ringbuf_pages))
+            print_ebpf(Session(args.mode, memcg_state=args.memcg_state, ringbuf_pages=args.ringbuf_pages,
+                               latency_sample=args.latency_sample))
         except SessionError as e:
             return _fail(str(e))
         return 0
@@ -129,7 +135,8 @@ def run(args) -> int:
         stop.set()
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    session = Session(args.mode, ringbuf_pages=args.ringbuf_pages, memcg_state=args.memcg_state)
+    session = Session(args.mode, ringbuf_pages=args.ringbuf_pages, memcg_state=args.memcg_state,
+                      latency_sample=args.latency_sample)
     stats = bpf_stats_enabled()   # BPF run time per program, for memcgscope_bpf_run_seconds_total
     stats.__enter__()
     server = None

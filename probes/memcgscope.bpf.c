@@ -10,6 +10,13 @@
 // Fast charges cost map updates only. A charge becomes an *episode* that
 // crosses the ring buffer once it does something slow (a counter failure,
 // a reclaim, a drain, an OOM) or fails; limit writes are always episodes.
+//
+// A page fault runs three of our programs: the charge core's entry and exit
+// and the page charge's exit (the page charge has no entry program: its
+// memcg, size and gfp are the charge core's, left per CPU at the core's
+// exit). A fast charge reads no clock: 1 in LAT_SAMPLE is timed (counted
+// LAT_SAMPLE times in the latency histogram and sum), and a charge that
+// turns slow is timed from that moment on, exactly.
 
 #include <uapi/linux/ptrace.h>
 // (no linux/sched.h: task fields are read at BTF offsets; it only cost compile time)
@@ -58,14 +65,10 @@ struct task_ctx {
     u64 oom_memcg;
     u32 oom_gfp;
     u32 oom_order;
-    // __mem_cgroup_charge in progress
-    u32 page_gfp;
-    u32 page_active;
     // page_counter_try_charge in progress (inside a charge)
     u64 pc_counter;
     u64 pc_nr;
     u64 pc_fail_slot;
-    u64 data[3];
     // counter failures of a charge not (yet) slow: a batch that failed and
     // then fit after the shrink is a fast path and never crosses to user
     // space; if the charge turns slow they are sent before its next step
@@ -99,13 +102,17 @@ struct fast_ctx {
     u32 depth;
     u32 gfp;
     u32 nr;
-    u64 start;
+    u64 start;        // 0: not timed (see LAT_SAMPLE)
     u64 sp;
     u64 memcg;
-    u32 page_tid;
-    u32 page_gfp;
-    u64 last_memcg;   // the charge that completed inside the page charge
+    u32 sampled;      // charges entered on this CPU, for LAT_SAMPLE
+    // the last charge core call that returned on this CPU, for the page
+    // charge's exit (its memcg, size and gfp); taken there once
+    u32 last_tid;
+    u64 last_memcg;
     u64 last_nr;
+    u32 last_gfp;
+    u32 last_pad;
 };
 struct reclaim_key { u64 cgid; u32 caller; u32 pad; };
 struct reclaim_stat { u64 calls; u64 asked; u64 freed; u64 ns; };
@@ -214,6 +221,9 @@ static __always_inline void count_ctx_reset(void) {
 #ifndef THREAD_SIZE
 #define THREAD_SIZE 16384
 #endif
+#ifndef LAT_SAMPLE
+#define LAT_SAMPLE 64
+#endif
 static __always_inline int on_task_stack(u64 sp) {
     if (!sp)
         return 0;   // no stack pointer given (fentry): the check is off
@@ -296,8 +306,7 @@ static __always_inline struct task_ctx *get_ctx(u32 tid, int create) {
 }
 
 static __always_inline void maybe_free_ctx(u32 tid, struct task_ctx *c) {
-    if (!c->charge_depth && !c->limit_start && !c->reclaim_start && !c->oom_start && !c->page_active
-        && !c->high_start)
+    if (!c->charge_depth && !c->limit_start && !c->reclaim_start && !c->oom_start && !c->high_start)
         tasks.delete(&tid);
 }
 
@@ -356,8 +365,11 @@ static __always_inline struct fast_ctx *fast_slot(void) {
     return fast.lookup(&zero);
 }
 
-// per-CPU values: plain increments
-static __always_inline void charge_account(int page, u64 memcg, u64 pages, u64 ns, s64 ret, int slow) {
+// per-CPU values: plain increments. `weight`: how many charges this
+// duration stands for (LAT_SAMPLE for a sampled fast charge, 1 for a slow
+// one, 0 for a charge not timed)
+static __always_inline void charge_account(int page, u64 memcg, u64 pages, u64 ns, s64 ret, int slow,
+                                           u32 weight) {
     struct charge_stat zero = {};
     struct charge_stat *s = page ? page_charge_stats.lookup_or_try_init(&memcg, &zero)
                                  : charge_stats.lookup_or_try_init(&memcg, &zero);
@@ -369,15 +381,15 @@ static __always_inline void charge_account(int page, u64 memcg, u64 pages, u64 n
         s->cgid = memcg_cgid(memcg);
     s->calls++;
     s->pages += pages;
-    s->ns += ns;
+    s->ns += ns * weight;
     if (slow) s->slow++;
     if (ret == -12) s->fail_enomem++;
     else if (ret == -4) s->fail_eintr++;
     else if (ret) s->fail_other++;
-    if (!page) {
+    if (!page && weight) {
         struct lat_key k = {.memcg = memcg, .slot = log2l(ns)};
         u64 z = 0, *v = charge_lat.lookup_or_try_init(&k, &z);
-        if (v) (*v)++;
+        if (v) (*v) += weight;
         else map_full_add(MAPIDX_CHARGE_LAT);
     }
 }
@@ -386,7 +398,7 @@ static __always_inline void charge_account(int page, u64 memcg, u64 pages, u64 n
 // per-task context; returns that context (created when `create`).
 static __always_inline struct task_ctx *promote(u32 tid, int create) {
     struct fast_ctx *f = fast_slot();
-    int moving = f && ((f->tid == tid && f->depth) || f->page_tid == tid);
+    int moving = f && f->tid == tid && f->depth;
     struct task_ctx *c = get_ctx(tid, create || moving);
     if (!c || !f || !moving)
         return c;
@@ -395,7 +407,8 @@ static __always_inline struct task_ctx *promote(u32 tid, int create) {
             c->charge_depth += f->depth;
         } else {
             c->charge_depth = f->depth;
-            c->charge_start = f->start;
+            // not sampled at entry: timed from here, the moment it turned slow
+            c->charge_start = f->start ? f->start : bpf_ktime_get_ns();
             c->charge_sp = f->sp;
             c->charge_memcg = f->memcg;
             c->charge_cgid = memcg_cgid(f->memcg);
@@ -413,13 +426,6 @@ static __always_inline struct task_ctx *promote(u32 tid, int create) {
         }
         f->tid = 0;
         f->depth = 0;
-    }
-    if (f->page_tid == tid) {
-        c->page_active = 1;
-        c->page_gfp = f->page_gfp;
-        c->data[0] = 0;
-        c->data[1] = 0;
-        f->page_tid = 0;
     }
     return c;
 }
@@ -472,7 +478,8 @@ static __always_inline void on_charge_enter(void *ctx, u64 memcg, u32 gfp, u32 n
     }
     f->tid = tid;
     f->depth = 1;
-    f->start = bpf_ktime_get_ns();
+    // no clock read on most charges: 1 in LAT_SAMPLE is timed
+    f->start = (++f->sampled % LAT_SAMPLE) ? 0 : bpf_ktime_get_ns();
     f->sp = sp;
     f->memcg = memcg;
     f->gfp = gfp;
@@ -489,9 +496,12 @@ static __always_inline void on_charge_exit(void *ctx, s64 ret) {
         }
         if (!ret) {
             // the fast path: a stock hit or a counter charge that fit
-            charge_account(0, f->memcg, f->nr, bpf_ktime_get_ns() - f->start, 0, 0);
+            u64 ns = f->start ? bpf_ktime_get_ns() - f->start : 0;
+            charge_account(0, f->memcg, f->nr, ns, 0, 0, f->start ? LAT_SAMPLE : 0);
+            f->last_tid = tid;
             f->last_memcg = f->memcg;
             f->last_nr = f->nr;
+            f->last_gfp = f->gfp;
             f->depth = 0;
             f->tid = 0;
             return;
@@ -518,11 +528,15 @@ static __always_inline void on_charge_exit(void *ctx, s64 ret) {
         if (asked == c->charge_nr)
             charge_mark_slow(ctx, c);
     }
-    charge_account(0, c->charge_memcg, c->charge_nr, ns, ret, c->charge_emitted);
-    if (c->page_active && !c->data[0]) {
-        // the page charge's memcg and size, for its own stats
-        c->data[0] = c->charge_memcg;
-        c->data[1] = c->charge_nr;
+    charge_account(0, c->charge_memcg, c->charge_nr, ns, ret, c->charge_emitted, 1);
+    struct fast_ctx *lf = fast_slot();
+    if (lf) {
+        // for the page charge's exit, which follows on this CPU without a
+        // sleep between (charge_memcg returns try_charge's result)
+        lf->last_tid = tid;
+        lf->last_memcg = c->charge_memcg;
+        lf->last_nr = c->charge_nr;
+        lf->last_gfp = c->charge_gfp;
     }
     if (c->charge_emitted) {
         struct event_t *e = new_event(EV_CHARGE_EXIT);
@@ -898,40 +912,28 @@ static __always_inline u64 of_cgroup_id(u64 of) {
     return read_u64(parent + OFF_KN_ID);
 }
 
-// ---- __mem_cgroup_charge (mem_cgroup_charge on 5.10) ----
-
-static __always_inline void on_page_charge_enter(void *ctx, u32 gfp) {
-    struct fast_ctx *f = fast_slot();
-    if (!f)
-        return;
-    // not timed: two clock reads per page fault for a figure nobody needs
-    f->page_tid = current_tid();
-    f->page_gfp = gfp;
-    f->last_memcg = 0;
-    f->last_nr = 0;
-}
+// ---- __mem_cgroup_charge (mem_cgroup_charge on 5.10): exit only ----
+// The page charge's memcg, size and gfp are those of the charge core call
+// inside it (5.10 mem_cgroup_charge -> try_charge(memcg, gfp_mask,
+// nr_pages); 6.1-7.x __mem_cgroup_charge -> charge_memcg -> try_charge(memcg,
+// gfp, folio_nr_pages(folio))), left per CPU at that call's exit. None
+// there (the root memcg: 6.1+ try_charge returns before try_charge_memcg):
+// counted under memcg 0, as before. Not timed. A charge core call of this
+// task from an interrupt between two of its page charges could lend its
+// memcg to a root page charge: root tasks' page counts only.
 
 static __always_inline void on_page_charge_exit(void *ctx, s64 ret) {
     u32 tid = current_tid();
-    u64 memcg, pages, ns = 0;
-    u32 gfp;
+    u64 memcg = 0, pages = 0;
+    u32 gfp = 0;
     struct fast_ctx *f = fast_slot();
-    if (f && f->page_tid == tid) {
+    if (f && f->last_tid == tid) {
         memcg = f->last_memcg;
         pages = f->last_nr;
-        gfp = f->page_gfp;
-        f->page_tid = 0;
-    } else {
-        struct task_ctx *c = get_ctx(tid, 0);
-        if (!c || !c->page_active)
-            return;
-        memcg = c->data[0];
-        pages = c->data[1];
-        gfp = c->page_gfp;
-        c->page_active = 0;
-        maybe_free_ctx(tid, c);
+        gfp = f->last_gfp;
+        f->last_tid = 0;
     }
-    charge_account(1, memcg, pages, ns, ret, 0);
+    charge_account(1, memcg, pages, 0, ret, 0, 0);
     if (ret) {
         struct event_t *e = new_event(EV_PAGE_CHARGE_FAIL);
         if (e) {
@@ -939,7 +941,6 @@ static __always_inline void on_page_charge_exit(void *ctx, s64 ret) {
             e->arg0 = pages;
             e->arg1 = gfp;
             e->ret = ret;
-            e->duration_ns = ns;
             emit(ctx, e);
         }
     }

@@ -68,7 +68,7 @@ class ProbeStatus:
 class RoleHandler:
     """How a probed function's arguments reach the handlers. A0..A4 are the
     function's arguments as u64, RET its return value."""
-    enter: str
+    enter: str | None   # None: an exit-only probe
     exit: str | None
     # the fixed arguments a suffixed clone (.isra/.constprop) may not keep
     needs_args: bool = True
@@ -77,8 +77,8 @@ class RoleHandler:
 ROLE_HANDLERS: dict[str, RoleHandler] = {
     "charge_core": RoleHandler("on_charge_enter(ctx, A0, (u32)A1, (u32)A2, STACKPTR)",
                                "on_charge_exit(ctx, (s64)(int)RET)"),
-    "page_charge": RoleHandler("on_page_charge_enter(ctx, (u32)A2)",
-                               "on_page_charge_exit(ctx, (s64)(int)RET)"),
+    # exit only: its memcg, size and gfp are the charge core's (see the C)
+    "page_charge": RoleHandler(None, "on_page_charge_exit(ctx, (s64)(int)RET)"),
     # A3: 5.10's bool may_swap or the reclaim_options bits of 6.1+; a bool's
     # register may carry garbage above bit 7 (seen on 5.10.262: 0x91400001)
     "memcg_reclaim": RoleHandler("on_reclaim_enter(ctx, A0, A1, (u32)A2, (u32)(A3 & RECLAIM_OPTS_MASK))",
@@ -214,11 +214,12 @@ def _kprobe_probe(parts, kprobes, finding, handler, symbol: str, clone: bool, *,
     every compiler clone as well (callers may jump straight to one: 6.12
     calls drain_all_stock.part.0 directly)."""
     args = "".join(f"    u64 a{i} = PT_REGS_PARM{i + 1}(ctx);\n" for i in range(5))
-    fn = f"kp_{finding.role}_enter"
-    parts.append(f"int {fn}(struct pt_regs *ctx) {{\n{args}"
-                 f"    {_subst(handler.enter, 5, not clone, 'PT_REGS_SP(ctx)')};\n    return 0;\n}}\n")
-    kprobes.append((symbol, fn, False))
-    if not handler.needs_args:
+    if handler.enter is not None:
+        fn = f"kp_{finding.role}_enter"
+        parts.append(f"int {fn}(struct pt_regs *ctx) {{\n{args}"
+                     f"    {_subst(handler.enter, 5, not clone, 'PT_REGS_SP(ctx)')};\n    return 0;\n}}\n")
+        kprobes.append((symbol, fn, False))
+    if not handler.needs_args and handler.enter is not None:
         _kprobe_clones(parts, kprobes, finding, handler, [s for s in finding.symbols if s != symbol])
     if handler.exit:
         fn_ret = f"kp_{finding.role}_exit"
@@ -266,8 +267,9 @@ def _fentry_probe(parts, kprobes, finding, handler, btf, fentry_check, kprobes_o
     # No stack pointer for the stale-context check: the verifier refuses
     # arithmetic on the ctx pointer, and fexit, unlike a kretprobe, has no
     # instance limit that could make it miss a return.
-    parts.append(f"KFUNC_PROBE({base}) {{\n{reads}"
-                 f"    {_subst(handler.enter, nargs, True, '0')};\n    return 0;\n}}\n")
+    if handler.enter is not None:
+        parts.append(f"KFUNC_PROBE({base}) {{\n{reads}"
+                     f"    {_subst(handler.enter, nargs, True, '0')};\n    return 0;\n}}\n")
     if handler.exit:
         parts.append(f"KRETFUNC_PROBE({base}) {{\n    u64 ret = 0;\n    MCS_RET(ctx, {nargs}, &ret);\n"
                      f"    {_subst(handler.exit, nargs, True)};\n    return 0;\n}}\n")
@@ -284,12 +286,16 @@ def _fentry_probe(parts, kprobes, finding, handler, btf, fentry_check, kprobes_o
 
 def build_program(report: Report, mode: str, btf: BTF, *, max_cgroups: int = 4096,
                   ringbuf_pages: int = 256, use_perf_buffer: bool = False,
-                  fentry_check=None, memcg_state: bool = False) -> Program:
+                  fentry_check=None, memcg_state: bool = False, latency_sample: int = 64) -> Program:
     """The program text, flags and probe list for `mode` on the kernel
     described by `report`. `fentry_check(btf_id)` -> (ok, reason) tests one
-    fentry attach (probes/bpfsys.try_fentry on a live kernel)."""
+    fentry attach (probes/bpfsys.try_fentry on a live kernel).
+    `latency_sample`: 1 in N fast charges is timed (1: every one)."""
     if mode not in ("fentry", "kprobe", "tracepoint"):
         raise ProgramError(f"unknown mode {mode!r}; use fentry, kprobe or tracepoint")
+    if isinstance(latency_sample, bool) or not isinstance(latency_sample, int) or not 1 <= latency_sample <= 1 << 20:
+        raise ProgramError(f"latency sample {latency_sample!r}: give an integer from 1 (time every charge) "
+                           f"to {1 << 20}")
     memsw = bool(report.cgroups.v1_memory and report.cgroups.swap_accounting)
     defines = kernel_offsets(btf, memsw)
     # enum values differ between builds: take them from this kernel's BTF
@@ -308,6 +314,7 @@ def build_program(report: Report, mode: str, btf: BTF, *, max_cgroups: int = 409
         defines[f"MAPIDX_{name.upper()}"] = i
     defines["NR_MAPIDX"] = len(COUNTED_MAPS)
     defines["RINGBUF_PAGES"] = ringbuf_pages
+    defines["LAT_SAMPLE"] = latency_sample
     if use_perf_buffer:
         defines["USE_PERF_BUFFER"] = 1
     arg_reads = fentry_arg_reads(btf)

@@ -82,7 +82,8 @@ class Session:
 
     def __init__(self, mode: str | None = None, *, sysroot: SysRoot | None = None,
                  report=None, max_cgroups: int = 4096, ringbuf_pages: int = 256,
-                 use_perf_buffer: bool | None = None, on_episode=None, memcg_state: bool = False):
+                 use_perf_buffer: bool | None = None, on_episode=None, memcg_state: bool = False,
+                 latency_sample: int = 64):
         self.requested_mode = mode
         self.sysroot = sysroot or SysRoot("/")
         self.report = report
@@ -94,6 +95,8 @@ class Session:
         self._perf_buffer_requested = bool(use_perf_buffer)
         self.on_episode = on_episode
         self.memcg_state = memcg_state
+        #: 1 in N fast charges timed (probes/memcgscope.bpf.c LAT_SAMPLE)
+        self.latency_sample = latency_sample
         self.program: Program | None = None
         self.mode: str | None = None
         self._probes: list[ProbeStatus] = []
@@ -144,7 +147,8 @@ class Session:
     def _params(self, check_fentry: bool) -> _loader.LoadParams:
         return _loader.LoadParams(mode=self.requested_mode, sysroot=self.sysroot.root, report=self.report,
                                   max_cgroups=self.max_cgroups, ringbuf_pages=self.ringbuf_pages,
-                                  memcg_state=self.memcg_state, check_fentry=check_fentry)
+                                  memcg_state=self.memcg_state, check_fentry=check_fentry,
+                                  latency_sample=self.latency_sample)
 
     def build(self, *, check_fentry: bool = True) -> Program:
         """Detects the kernel and builds the program for the mode, without

@@ -34,7 +34,6 @@ DRIVERS = {
     "pc_exit": "on_pc_try_charge_exit(ctx, a0);",
     "reclaim_enter": "on_reclaim_enter(ctx, a0, a1, (u32)a2, (u32)a3);",
     "reclaim_exit": "on_reclaim_exit(ctx, a0);",
-    "page_enter": "on_page_charge_enter(ctx, (u32)a0);",
     "page_exit": "on_page_charge_exit(ctx, (s64)a0);",
     "log2": "return log2l(a0);",
 }
@@ -78,6 +77,19 @@ class Drive:
                 return {f: sum(int(getattr(v, f)) for v in per_cpu)
                         for f in ("calls", "pages", "slow", "fail_enomem")}
         return {"calls": 0, "pages": 0, "slow": 0, "fail_enomem": 0}
+
+    def stats(self, table: str, memcg: int) -> dict:
+        """A per-CPU charge_stat map's fields for ``memcg``, summed."""
+        fields = ("calls", "pages", "slow", "fail_enomem", "fail_eintr", "fail_other", "ns")
+        for k, per_cpu in self.bpf[table].items():
+            if int(k.value) == memcg:
+                return {f: sum(int(getattr(v, f)) for v in per_cpu) for f in fields}
+        return dict.fromkeys(fields, 0)
+
+    def latency(self, memcg: int) -> int:
+        """The charge latency histogram's total weight for ``memcg``."""
+        return sum(sum(int(v) for v in per_cpu) for k, per_cpu in self.bpf["charge_lat"].items()
+                   if int(k.memcg) == memcg)
 
     def per_cpu_sum(self, table: str, index: int = 0) -> int:
         import ctypes

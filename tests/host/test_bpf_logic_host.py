@@ -29,6 +29,17 @@ def drive():
         os.sched_setaffinity(0, saved)
 
 
+@pytest.fixture
+def one_cpu():
+    """Per-CPU contexts: the calls of a test on one CPU."""
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(saved)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, saved)
+
+
 def charge(d, memcg, nr=1, sp=4000, ret=0):
     d.call("charge_enter", memcg, 0xcc0, nr, sp)
     d.call("charge_exit", ret)
@@ -89,5 +100,78 @@ def test_map_full_drops_are_counted():
             charge(d, MEMCG + 0x1000 * (i + 1))
         assert d.map_full("charge_stats") == 2
         assert d.map_full("tasks") == 0
+    finally:
+        d.close()
+
+
+def test_fast_charges_are_timed_one_in_lat_sample(one_cpu):
+    """No clock read on most fast charges: 1 in LAT_SAMPLE is timed and
+    stands for LAT_SAMPLE charges in the histogram and the ns sum; with
+    LAT_SAMPLE=1 every charge is (the old behaviour)."""
+    for n, charges in ((8, 32), (1, 5)):
+        d = Drive(LAT_SAMPLE=n)
+        try:
+            memcg = MEMCG + 0x20
+            for _ in range(charges):
+                charge(d, memcg)
+            st = d.stats("charge_stats", memcg)
+            assert st["calls"] == charges
+            assert d.latency(memcg) == charges, (n, d.latency(memcg))   # (charges / n) samples x n
+            assert st["ns"] > 0
+        finally:
+            d.close()
+    d = Drive(LAT_SAMPLE=1000)
+    try:
+        for _ in range(10):
+            charge(d, MEMCG + 0x30)
+        assert d.stats("charge_stats", MEMCG + 0x30)["calls"] == 10
+        assert d.latency(MEMCG + 0x30) == 0 and d.stats("charge_stats", MEMCG + 0x30)["ns"] == 0
+    finally:
+        d.close()
+
+
+def test_a_slow_charge_is_timed_even_when_not_sampled(one_cpu):
+    d = Drive(LAT_SAMPLE=1000)
+    try:
+        memcg = MEMCG + 0x40
+        d.call("charge_enter", memcg, 0xcc0, 1, 4000)
+        d.call("pc_enter", memcg + 0x100, 64, 0)     # promoted: timed from here
+        d.call("pc_exit", 1)
+        d.call("charge_exit", 0)
+        assert d.latency(memcg) == 1                # weight 1: slow charges exactly
+        assert d.stats("charge_stats", memcg)["calls"] == 1
+    finally:
+        d.close()
+
+
+def test_the_page_charge_exit_takes_the_charge_core_call_inside_it(one_cpu):
+    """The page charge has no entry program: its exit counts the memcg and
+    size the charge core left on this CPU, once; a page charge without one
+    (the root memcg, 6.1+) counts under memcg 0; a failure is an event with
+    the core's memcg, size and gfp."""
+    d = Drive()
+    try:
+        memcg = MEMCG + 0x50
+        d.poll()
+        d.call("charge_enter", memcg, 0xcc0, 4, 4000)
+        d.call("charge_exit", 0)
+        d.call("page_exit", 0)
+        assert d.stats("page_charge_stats", memcg)["calls"] == 1
+        assert d.stats("page_charge_stats", memcg)["pages"] == 4
+        zero = d.stats("page_charge_stats", 0)["calls"]
+        d.call("page_exit", 0)                      # no core call since: not memcg's again
+        assert d.stats("page_charge_stats", memcg)["calls"] == 1
+        assert d.stats("page_charge_stats", 0)["calls"] == zero + 1
+        # a failing page charge: its core call failed just before
+        d.call("charge_enter", memcg, 0x1c20ca, 512, 4000)
+        d.call("charge_exit", -12)
+        d.call("page_exit", -12)
+        st = d.stats("page_charge_stats", memcg)
+        assert st["calls"] == 2 and st["fail_enomem"] == 1
+        from memcgscope.probes.episodes import EV, decode_bytes
+        evs = [decode_bytes(b) for b in d.poll()]
+        fails = [e for e in evs if e.type == EV.PAGE_CHARGE_FAIL]
+        assert len(fails) == 1 and fails[0].arg0 == 512 and fails[0].arg1 == 0x1c20ca and fails[0].ret == -12
+        assert [e.type for e in evs].count(EV.CHARGE_EXIT) == 1     # the core's own episode
     finally:
         d.close()

@@ -124,3 +124,36 @@ def test_tracepoint_mode_on_the_host():
 def test_unknown_mode():
     with pytest.raises(ProgramError, match="unknown mode"):
         build_program(report("host-6.18-v1"), "uprobe", FakeBTF())
+
+
+def test_the_page_charge_is_probed_at_its_exit_only():
+    """Three program runs per faulted page: the charge core's entry and exit
+    and the page charge's exit (its memcg, size and gfp are the core's)."""
+    for name, page in (("debian-6.12-v2", "__mem_cgroup_charge"), ("debian-5.10-v2", "mem_cgroup_charge")):
+        fentry = build_program(report(name), "fentry", FakeBTF() if page != "mem_cgroup_charge" else _Btf510(),
+                               fentry_check=lambda i: (True, ""))
+        wrappers = fentry.text.split("wrappers for mode")[1]
+        assert f"KRETFUNC_PROBE({page})" in wrappers and f"KFUNC_PROBE({page})" not in wrappers, name
+        kprobe = build_program(report(name), "kprobe", FakeBTF())
+        on_page = [k for k in kprobe.kprobes if k[0] == page]
+        assert on_page == [(page, "kp_page_charge_exit", True)], on_page
+        assert "on_page_charge_enter" not in kprobe.text
+
+
+class _Btf510(FakeBTF):
+    params = dict(FakeBTF.params, try_charge=3, mem_cgroup_charge=3)
+
+
+def test_latency_sample_is_a_flag_with_bounds():
+    assert "-DLAT_SAMPLE=64" in build_program(report("debian-6.12-v2"), "kprobe", FakeBTF()).cflags
+    assert "-DLAT_SAMPLE=1" in build_program(report("debian-6.12-v2"), "kprobe", FakeBTF(), latency_sample=1).cflags
+    for bad in (0, -3, 1 << 21, 2.5, True):
+        with pytest.raises(ProgramError, match="latency sample"):
+            build_program(report("debian-6.12-v2"), "kprobe", FakeBTF(), latency_sample=bad)
+
+
+def test_run_refuses_a_latency_sample_out_of_range(capsys):
+    from memcgscope.collector.cli import main
+    assert main(["run", "--latency-sample", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--latency-sample 0" in err and "from 1" in err and len(err.strip().splitlines()) == 1
