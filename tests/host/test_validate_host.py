@@ -26,8 +26,11 @@ def validate(*args, timeout=900):
 
 
 def leftovers() -> list[str]:
+    """validate's scratch cgroups (memcgscope-validate-*, memcgscope-cmd-*)
+    in our own cgroup; another tool's (a benchmark run beside the tests:
+    memcgscope-bench-*) are not validate's to remove."""
     parent, _ = own_memory_cgroup_dir()
-    return [n for n in os.listdir(parent) if n.startswith("memcgscope-")]
+    return [n for n in os.listdir(parent) if n.startswith(("memcgscope-validate-", "memcgscope-cmd-"))]
 
 
 def test_builtin_suite_agrees_on_this_kernel():
