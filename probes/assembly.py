@@ -92,6 +92,8 @@ class EpisodeAssembler:
                         ep.complete = False
                         self.steps_dropped += 1
                     return []
+        if t == EV.REPEAT:
+            return self._repeat(e, slots)
         if t == EV.CHARGE_ENTER:
             ep = Episode("charge", e.ts, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
                          {"gfp": e.arg0, "nr_pages": e.arg1}, entry=_counters(e, self.memsw))
@@ -167,6 +169,28 @@ class EpisodeAssembler:
             return [ep]
         # an event this memcgscope does not know (a newer BPF side): counted, not fatal
         self.unknown += 1
+        return []
+
+    def _repeat(self, e: Event, slots) -> list:
+        """EV_REPEAT: the episode's last step (an OOM step) happened
+        ``e.arg0`` more times; expanded here into that many steps (one dict,
+        shared), so every consumer sees the loop as the kernel ran it.
+        Their durations are the repeats' mean; their time is the send's."""
+        for ep in (slots or {}).values():
+            if ep.ts_ns == e.episode and ep.steps:
+                n = e.arg0
+                room = max(0, self.MAX_STEPS - len(ep.steps))
+                if n > room:
+                    ep.complete = False
+                    self.steps_dropped += n - room
+                    n = room
+                if n:
+                    last = ep.steps[-1]
+                    step = dict(last, ts_ns=e.ts, duration_ns=e.duration_ns // e.arg0) \
+                        if "duration_ns" in last else dict(last, ts_ns=e.ts)
+                    ep.steps.extend([step] * n)
+                return []
+        self.orphans += 1   # its episode (or its first step) was never seen
         return []
 
     def _slots(self, tid: int) -> dict:

@@ -54,6 +54,10 @@ class EV:
     TP_RECLAIM = 11
     HIGH_ENTER = 12
     HIGH_EXIT = 13
+    #: the episode's last step (an OOM step) happened ``arg0`` more times,
+    #: identically, taking ``duration_ns`` in all: the run-length encoded
+    #: OOM retry loop (probes/memcgscope.bpf.c on_oom_exit)
+    REPEAT = 14
 
 
 #: reclaim callers (``CALLER_<NAME>`` in the C): code -> the label value

@@ -75,6 +75,21 @@ struct task_ctx {
     u32 pend_n;
     u32 pend_dropped;
     struct event_t pend[2];
+    // Run-length encoding of the OOM retry loop: an OOM step identical to
+    // the last event sent for this task (same episode, memcg, gfp, order,
+    // result and counters) is counted here, not sent; the count goes out
+    // as one EV_REPEAT before the task's next event, or every REPEAT_FLUSH.
+    // A memory.max write loops through hundreds of such passes; on kernels
+    // without the superseded-limit break (5.10.262, 6.18.15) hundreds of
+    // thousands a second, which no ring buffer holds.
+    u64 rep_episode;  // the episode of the last OOM step sent; 0: no run open
+    u64 rep_cgid;
+    u64 rep_arg0, rep_arg1;
+    s64 rep_ret;
+    u64 rep_usage, rep_max, rep_memsw_usage, rep_memsw_max;
+    u64 rep_ns;       // total duration of the repeats not yet sent
+    u32 rep_n;        // repeats not yet sent
+    u32 rep_caller;
 };
 
 // per-CPU, keyed by the memcg's address: a charge's fast path then costs
@@ -146,7 +161,8 @@ BPF_PERCPU_ARRAY(lost, u64, 1);
 BPF_PERCPU_ARRAY(map_full, u64, NR_MAPIDX);
 // per-task or per-CPU charge contexts found stale and reset
 BPF_PERCPU_ARRAY(ctx_reset, u64, 1);
-BPF_PERCPU_ARRAY(scratch, struct event_t, 1);
+// [0] the event being built, [1] an EV_REPEAT sent ahead of it
+BPF_PERCPU_ARRAY(scratch, struct event_t, 2);
 BPF_PERCPU_ARRAY(zero_ctx, struct task_ctx, 1);
 
 #ifdef USE_PERF_BUFFER
@@ -224,6 +240,9 @@ static __always_inline void count_ctx_reset(void) {
 #ifndef LAT_SAMPLE
 #define LAT_SAMPLE 64
 #endif
+#ifndef REPEAT_FLUSH
+#define REPEAT_FLUSH 65536
+#endif
 static __always_inline int on_task_stack(u64 sp) {
     if (!sp)
         return 0;   // no stack pointer given (fentry): the check is off
@@ -276,7 +295,7 @@ static __always_inline struct event_t *new_event(u32 type) {
     return e;
 }
 
-static __always_inline void emit(void *ctx, struct event_t *e) {
+static __always_inline void submit(void *ctx, struct event_t *e) {
     int err;
 #ifdef USE_PERF_BUFFER
     err = events.perf_submit(ctx, e, sizeof(*e));
@@ -288,6 +307,45 @@ static __always_inline void emit(void *ctx, struct event_t *e) {
         u64 *n = lost.lookup(&zero);
         if (n) (*n)++;
     }
+}
+
+// The repeats of the task's last OOM step, sent as one EV_REPEAT.
+static __always_inline void repeat_flush(void *ctx, struct task_ctx *c) {
+    if (!c->rep_n)
+        return;
+    u32 one = 1;
+    struct event_t *r = scratch.lookup(&one);
+    if (r) {
+        __builtin_memset(r, 0, sizeof(*r));
+        u64 id = bpf_get_current_pid_tgid();
+        r->type = EV_REPEAT;
+        r->cpu = bpf_get_smp_processor_id();
+        r->pid = id >> 32;
+        r->tid = (u32)id;
+        r->ts = bpf_ktime_get_ns();
+        bpf_get_current_comm(&r->comm, sizeof(r->comm));
+        r->episode = c->rep_episode;
+        r->cgid = c->rep_cgid;
+        r->arg0 = c->rep_n;
+        r->duration_ns = c->rep_ns;
+        submit(ctx, r);
+    }
+    c->rep_n = 0;
+    c->rep_ns = 0;
+}
+
+// Sends an event; an episode's event first sends the repeats its task
+// still holds, and ends their run.
+static __always_inline void emit(void *ctx, struct event_t *e) {
+    if (e->episode) {
+        u32 tid = e->tid;
+        struct task_ctx *c = tasks.lookup(&tid);
+        if (c && c->rep_episode) {
+            repeat_flush(ctx, c);
+            c->rep_episode = 0;
+        }
+    }
+    submit(ctx, e);
 }
 
 static __always_inline struct task_ctx *get_ctx(u32 tid, int create) {
@@ -786,7 +844,32 @@ static __always_inline void on_oom_exit(void *ctx, u64 ret) {
         e->duration_ns = bpf_ktime_get_ns() - c->oom_start;
         e->caller = caller_of(c);
         memcg_counters(c->oom_memcg, e);
-        emit(ctx, e);
+        if (e->episode && c->rep_episode == e->episode && c->rep_cgid == e->cgid && c->rep_arg0 == e->arg0
+            && c->rep_arg1 == e->arg1 && c->rep_ret == e->ret && c->rep_caller == e->caller
+            && c->rep_usage == e->usage && c->rep_max == e->max && c->rep_memsw_usage == e->memsw_usage
+            && c->rep_memsw_max == e->memsw_max) {
+            // the same pass again: counted, not sent
+            c->rep_n++;
+            c->rep_ns += e->duration_ns;
+            if (c->rep_n >= REPEAT_FLUSH)
+                repeat_flush(ctx, c);   // an endless loop still shows progress
+        } else {
+            emit(ctx, e);
+            if (e->episode) {
+                c->rep_episode = e->episode;
+                c->rep_cgid = e->cgid;
+                c->rep_arg0 = e->arg0;
+                c->rep_arg1 = e->arg1;
+                c->rep_ret = e->ret;
+                c->rep_caller = e->caller;
+                c->rep_usage = e->usage;
+                c->rep_max = e->max;
+                c->rep_memsw_usage = e->memsw_usage;
+                c->rep_memsw_max = e->memsw_max;
+                c->rep_n = 0;
+                c->rep_ns = 0;
+            }
+        }
     }
     struct oom_stat zero = {}, *s = oom_stats.lookup_or_try_init(&cgid, &zero);
     if (s) {

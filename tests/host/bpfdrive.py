@@ -35,6 +35,8 @@ DRIVERS = {
     "reclaim_enter": "on_reclaim_enter(ctx, a0, a1, (u32)a2, (u32)a3);",
     "reclaim_exit": "on_reclaim_exit(ctx, a0);",
     "page_exit": "on_page_charge_exit(ctx, (s64)a0);",
+    "oom_enter": "on_oom_enter(ctx, a0, (u32)a1, (u32)a2);",
+    "oom_exit": "on_oom_exit(ctx, a0);",
     "log2": "return log2l(a0);",
 }
 

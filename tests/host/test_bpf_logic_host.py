@@ -175,3 +175,49 @@ def test_the_page_charge_exit_takes_the_charge_core_call_inside_it(one_cpu):
         assert [e.type for e in evs].count(EV.CHARGE_EXIT) == 1     # the core's own episode
     finally:
         d.close()
+
+
+def _oom_loop(d, memcg, results):
+    """A slow charge whose steps are OOM passes with these results."""
+    d.call("charge_enter", memcg, 0xcc0, 1, 4000)
+    d.call("pc_enter", memcg + 0x100, 64, 0)
+    for r in results:
+        d.call("oom_enter", memcg, 0xcc0, 0)
+        d.call("oom_exit", r)
+    d.call("charge_exit", -12)
+
+
+def _kinds(d):
+    from memcgscope.probes.episodes import EV, decode_bytes
+    names = {v: k for k, v in vars(EV).items() if k.isupper()}
+    return [(names[e.type], e.arg0 if e.type == EV.REPEAT else e.ret if e.type == EV.OOM else None)
+            for e in (decode_bytes(b) for b in d.poll())]
+
+
+def test_identical_oom_passes_go_out_as_one_repeat(one_cpu):
+    """The OOM retry loop, run-length encoded: the first pass is sent, the
+    identical ones after it are counted and sent as one EV_REPEAT before the
+    episode's next event; a different pass ends the run."""
+    d = Drive()
+    try:
+        d.poll()
+        _oom_loop(d, MEMCG + 0x60, [1, 1, 1, 1, 1])
+        assert _kinds(d) == [("CHARGE_ENTER", None), ("OOM", 1), ("REPEAT", 4), ("CHARGE_EXIT", None)]
+        _oom_loop(d, MEMCG + 0x60, [1, 1, 0, 1])
+        assert _kinds(d) == [("CHARGE_ENTER", None), ("OOM", 1), ("REPEAT", 1), ("OOM", 0), ("OOM", 1),
+                             ("CHARGE_EXIT", None)]
+        _oom_loop(d, MEMCG + 0x60, [1])          # a new episode starts a new run
+        assert _kinds(d) == [("CHARGE_ENTER", None), ("OOM", 1), ("CHARGE_EXIT", None)]
+    finally:
+        d.close()
+
+
+def test_an_endless_oom_loop_still_shows_progress(one_cpu):
+    d = Drive(REPEAT_FLUSH=3)
+    try:
+        d.poll()
+        _oom_loop(d, MEMCG + 0x70, [1] * 8)
+        assert _kinds(d) == [("CHARGE_ENTER", None), ("OOM", 1), ("REPEAT", 3), ("REPEAT", 3), ("REPEAT", 1),
+                             ("CHARGE_EXIT", None)]
+    finally:
+        d.close()

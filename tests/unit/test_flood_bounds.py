@@ -66,3 +66,38 @@ def test_a_short_episode_is_whole(monkeypatch):
         a.feed(_ev(EV.OOM, 101 + i, 100, ret=1))
     (ep,) = a.feed(_ev(EV.LIMIT_EXIT, 200, 100, arg0=1, ret=3, duration_ns=100))
     assert len(ep.steps) == 10 and ep.complete and a.steps_dropped == 0
+
+
+def test_a_repeat_is_the_last_step_again():
+    """EV_REPEAT (the BPF side's run-length encoded OOM loop) expands into
+    that many copies of the episode's last step, with the repeats' mean
+    duration: consumers see the loop as the kernel ran it."""
+    a = EpisodeAssembler()
+    a.feed(_ev(EV.LIMIT_ENTER, 100, 100, arg0=2, arg1=4096))
+    a.feed(_ev(EV.OOM, 101, 100, ret=1, duration_ns=50))
+    assert a.feed(_ev(EV.REPEAT, 150, 100, arg0=4, duration_ns=400)) == []
+    (ep,) = a.feed(_ev(EV.LIMIT_EXIT, 200, 100, arg0=2, ret=3, duration_ns=100))
+    assert [s["kind"] for s in ep.steps] == ["oom"] * 5
+    assert [s["result"] for s in ep.steps] == [True] * 5
+    assert ep.steps[0]["duration_ns"] == 50 and {s["duration_ns"] for s in ep.steps[1:]} == {100}
+    assert {s["ts_ns"] for s in ep.steps[1:]} == {150} and ep.complete is not False
+    assert a.orphans == 0
+
+
+def test_repeats_past_max_steps_are_dropped_and_counted(monkeypatch):
+    monkeypatch.setattr(EpisodeAssembler, "MAX_STEPS", 10)
+    a = EpisodeAssembler()
+    a.feed(_ev(EV.LIMIT_ENTER, 100, 100, arg0=2, arg1=4096))
+    a.feed(_ev(EV.OOM, 101, 100, ret=1))
+    a.feed(_ev(EV.REPEAT, 150, 100, arg0=65536, duration_ns=65536))
+    a.feed(_ev(EV.REPEAT, 160, 100, arg0=3))
+    (ep,) = a.feed(_ev(EV.LIMIT_EXIT, 200, 100, arg0=2, ret=3, duration_ns=100))
+    assert len(ep.steps) == 10 and a.steps_dropped == 65536 + 3 - 9 and ep.complete is False
+
+
+def test_a_repeat_without_its_episode_is_an_orphan():
+    a = EpisodeAssembler()
+    assert a.feed(_ev(EV.REPEAT, 150, 100, arg0=4)) == []
+    a.feed(_ev(EV.LIMIT_ENTER, 200, 200, arg0=2, arg1=4096))
+    assert a.feed(_ev(EV.REPEAT, 250, 200, arg0=4)) == []     # no step yet to repeat
+    assert a.orphans == 2
