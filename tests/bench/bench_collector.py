@@ -36,7 +36,7 @@ from memcgscope.collector.pipeline import CheckPipeline
 from memcgscope.collector.replay_cmd import profile_of
 from memcgscope.collector.watch import WatchList
 from memcgscope.probes.assembly import EpisodeAssembler
-from memcgscope.probes.episodes import EV, RawEvent, decode_bytes, load_recording
+from memcgscope.probes.episodes import EV, RawEvent, decode_fields, load_recording
 from memcgscope.probes.session import Aggregates
 
 RECORDINGS = Path(__file__).resolve().parents[1] / "unit" / "data" / "recordings"
@@ -143,7 +143,7 @@ def ingest(count: int, short: bool = False) -> dict:
         i = 0
         while done < count:
             for raw in streams[i % len(streams)]:
-                for ep in assembler.feed(decode_bytes(raw)):
+                for ep in assembler.feed_fields(decode_fields(raw)):
                     daemon.handle(ep)
                     done += 1
                     if done % 10_000 == 0:
