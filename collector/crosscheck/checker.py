@@ -172,8 +172,10 @@ class CrossChecker:
         for (rel, counter), n in fails:
             k = (ids[rel], counter)
             res.failures[k] = res.failures.get(k, 0) + n
-        res.kills += kills
-        count_victims(ep.get("steps") or (), res)
+        if kills:
+            # kills counts the shape's oom_kill steps (with_counts): none, no victims
+            res.kills += kills
+            count_victims(ep.get("steps") or (), res)
         ts = ep.get("ts_ns", 0)
         tids = self._charges_by_tid
         if len(tids) > _TIDS_MAX:
@@ -201,14 +203,22 @@ class CrossChecker:
         if type(cid) is not int:
             raise BadInput()
         shape, ids = shape_of(ep.get("steps") or (), cid, self.memsw)
-        res.kills += sum(1 for s in shape if s[0] == "K")
-        count_victims(ep.get("steps") or (), res)
+        kills, fails = 0, False
+        for s in shape:     # one pass (an OOM loop's shape has hundreds of steps)
+            c = s[0]
+            if c == "K":
+                kills += 1
+            elif c == "F":
+                fails = True
+        if kills:
+            res.kills += kills
+            count_victims(ep.get("steps") or (), res)
         if not self._check_ancestry(ep, ids, res, "limit_write"):
             return
         if (fname in V1_FILES) != (self.cgroup == "v1") or fname not in V1_FILES + V2_FILES:
             self.flag(res, "limit_write", "malformed", f"file: {fname} on cgroup {self.cgroup}", ep)
             return
-        if any(s[0] == "F" for s in shape):
+        if fails:
             # limit writes charge nothing: a charge's steps got mixed in
             self.flag(res, "limit_write", "malformed", "steps: counter failure inside a limit write", ep)
             return
