@@ -115,8 +115,10 @@ class EpisodeAssembler:
                         self.steps_dropped += 1
                     return []
         if t == _CHARGE_ENTER:
-            ep = Episode("charge", ts, pid, tid, self._comm(comm), cpu, cgid, {"gfp": arg0, "nr_pages": arg1},
-                         entry=_counters(usage, mx, memsw_usage, memsw_max, memsw))
+            comm = self._comms.get(comm) or self._comm(comm)
+            ep = Episode("charge", ts, pid, tid, comm, cpu, cgid, {"gfp": arg0, "nr_pages": arg1},
+                         entry={"usage": usage, "max": mx, "memsw_usage": memsw_usage, "memsw_max": memsw_max}
+                         if memsw else {"usage": usage, "max": mx})
             if slots is None:
                 slots = self._slots(tid)
             slots["charge"] = ep
@@ -127,7 +129,9 @@ class EpisodeAssembler:
                 self.orphans += 1
                 ep = Episode("charge", ts - duration_ns, pid, tid, self._comm(comm), cpu, cgid,
                              {"gfp": arg0, "nr_pages": arg1}, complete=False)
-            ep.ret, ep.exit, ep.duration_ns = ret, _counters(usage, mx, memsw_usage, memsw_max, memsw), duration_ns
+            ep.ret, ep.duration_ns = ret, duration_ns
+            ep.exit = ({"usage": usage, "max": mx, "memsw_usage": memsw_usage, "memsw_max": memsw_max}
+                       if memsw else {"usage": usage, "max": mx})
             if not slots:
                 self._open.pop(tid, None)   # _gc
             return [ep]
