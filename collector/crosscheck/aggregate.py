@@ -101,8 +101,10 @@ class AggregateChecker:
         # once per episode: Counter.update's own checks (an abc isinstance
         # per call) cost more than the adding, and most results carry no
         # failures, no events and no victims
-        _add(self.failures, result.failures)
-        _add(self.events, result.events)
+        if result.failures:
+            _add(self.failures, result.failures)
+        if result.events:
+            _add(self.events, result.events)
         kills = result.kills
         self.kills += kills
         victims = getattr(result, "victims", None)

@@ -141,7 +141,8 @@ class CrossChecker:
 
     # -- charge ------------------------------------------------------------------------
     def _check_charge(self, ep, res):
-        if ep.get("complete") is False:
+        get = ep.get
+        if get("complete") is False:
             res.checks.append(("charge", "skipped"))
             return
         cid = ep["cgroup_id"]
@@ -151,7 +152,8 @@ class CrossChecker:
         # what breaks that raises, and the validator names it)
         if type(cid) is not int:
             raise BadInput()
-        shape, ids = shape_of(ep.get("steps") or (), cid, self.memsw)
+        steps = get("steps") or ()
+        shape, ids = shape_of(steps, cid, self.memsw)
         if self.ancestors is not None and not self._check_ancestry(ep, ids, res, "charge"):
             return
         key = ("charge", gfp, nr, ret, shape)
@@ -175,13 +177,13 @@ class CrossChecker:
         if kills:
             # kills counts the shape's oom_kill steps (with_counts): none, no victims
             res.kills += kills
-            count_victims(ep.get("steps") or (), res)
-        ts = ep.get("ts_ns", 0)
+            count_victims(steps, res)
+        ts = get("ts_ns", 0)
         tids = self._charges_by_tid
         if len(tids) > _TIDS_MAX:
             tids.clear()     # only the latest charge of a task is ever asked for
-        dur = ep.get("duration_ns")
-        tids[ep.get("tid")] = (ts, ts if dur is None else ts + dur, nr, ret)
+        dur = get("duration_ns")
+        tids[get("tid")] = (ts, ts if dur is None else ts + dur, nr, ret)
         if forced:
             self._last_forced_ns = ts
         if verdict == "divergent":
