@@ -6,9 +6,9 @@ An episode is one slow-path call of the charge core, or one limit write,
 with its nested steps in order; page-charge failures, OOM kills outside a
 charge and (tracepoint mode) memcg reclaims stand alone. Assembly is pure
 Python: `EpisodeAssembler.feed(Event)` returns the episodes that event
-completed; `feed_fields(decode_fields(buf))`, the collector's path, does
-the same on the event's field tuple (one implementation: `feed` hands its
-Event's fields to it).
+completed; `feed_all([decode_fields(buf), ...])`, the collector's path,
+does the same for a poll's events as field tuples (one implementation:
+`feed` and `feed_fields` hand their one event to it).
 """
 
 from __future__ import annotations
@@ -73,132 +73,152 @@ class EpisodeAssembler:
 
     def feed_fields(self, f: tuple) -> list[Episode]:
         """``feed`` of an event as its field tuple, in struct event_t order
-        (``decode_fields`` of the ring buffer's bytes): the collector's path,
-        which builds no Event per event."""
-        (t, cpu, pid, tid, ts, episode, cgid, arg0, arg1, arg2, ret, usage, mx, memsw_usage, memsw_max,
-         duration_ns, caller, flags, comm, data) = f
+        (``decode_fields`` of the ring buffer's bytes)."""
+        return self.feed_all((f,))
+
+    def feed_all(self, events) -> list[Episode]:
+        """``feed_fields`` of each field tuple in turn → the episodes they
+        completed, in order: the collector's path (a poll's records in one
+        call, no Event built per event, the assembler's state read once)."""
+        out: list[Episode] = []
         memsw = self.memsw
-        slots = self._open.get(tid)
-        if slots and t in _STEP_TYPES:
-            # the common case first: a step of the innermost open episode it was tagged with
-            for ep in slots.values():
-                if ep.ts_ns == episode:
-                    steps = ep.steps
-                    if len(steps) < self.MAX_STEPS:
-                        # the dicts of _step(), built inline (one call less per step)
-                        if t == _OOM:
-                            steps.append({"kind": "oom", "ts_ns": ts, "cgroup_id": cgid, "gfp": arg0,
-                                          "order": arg1, "result": bool(ret), "duration_ns": duration_ns,
-                                          "after": {"usage": usage, "max": mx, "memsw_usage": memsw_usage,
-                                                    "memsw_max": memsw_max} if memsw
-                                          else {"usage": usage, "max": mx}})
-                        elif t == _RECLAIM:
-                            steps.append({"kind": "reclaim", "ts_ns": ts, "cgroup_id": cgid, "nr_pages": arg0,
-                                          "gfp": arg1, "options": arg2, "freed": ret,
-                                          "caller": CALLERS.get(caller, "other"), "duration_ns": duration_ns,
-                                          "after": {"usage": usage, "max": mx, "memsw_usage": memsw_usage,
-                                                    "memsw_max": memsw_max} if memsw
-                                          else {"usage": usage, "max": mx}})
-                        elif t == _COUNTER_FAIL:
-                            steps.append({"kind": "counter_fail", "ts_ns": ts, "cgroup_id": cgid,
-                                          "counter": "memsw" if arg0 else "memory", "nr_pages": arg1,
-                                          "at": {"usage": usage, "max": mx, "memsw_usage": memsw_usage,
-                                                 "memsw_max": memsw_max} if memsw
-                                          else {"usage": usage, "max": mx}})
-                        elif t == _DRAIN:
-                            steps.append({"kind": "drain", "ts_ns": ts, "cgroup_id": cgid or None})
+        open_get, open_pop = self._open.get, self._open.pop
+        max_steps = self.MAX_STEPS
+        for f in events:
+            (t, cpu, pid, tid, ts, episode, cgid, arg0, arg1, arg2, ret, usage, mx, memsw_usage, memsw_max,
+             duration_ns, caller, flags, comm, data) = f
+            slots = open_get(tid)
+            hit = False
+            if slots and t in _STEP_TYPES:
+                # the common case first: a step of the innermost open episode it was tagged with
+                for ep in slots.values():
+                    if ep.ts_ns == episode:
+                        steps = ep.steps
+                        if len(steps) < max_steps:
+                            # the dicts of _step(), built inline (one call less per step)
+                            if t == _OOM:
+                                steps.append({"kind": "oom", "ts_ns": ts, "cgroup_id": cgid, "gfp": arg0,
+                                              "order": arg1, "result": bool(ret), "duration_ns": duration_ns,
+                                              "after": {"usage": usage, "max": mx, "memsw_usage": memsw_usage,
+                                                        "memsw_max": memsw_max} if memsw
+                                              else {"usage": usage, "max": mx}})
+                            elif t == _RECLAIM:
+                                steps.append({"kind": "reclaim", "ts_ns": ts, "cgroup_id": cgid, "nr_pages": arg0,
+                                              "gfp": arg1, "options": arg2, "freed": ret,
+                                              "caller": CALLERS.get(caller, "other"), "duration_ns": duration_ns,
+                                              "after": {"usage": usage, "max": mx, "memsw_usage": memsw_usage,
+                                                        "memsw_max": memsw_max} if memsw
+                                              else {"usage": usage, "max": mx}})
+                            elif t == _COUNTER_FAIL:
+                                steps.append({"kind": "counter_fail", "ts_ns": ts, "cgroup_id": cgid,
+                                              "counter": "memsw" if arg0 else "memory", "nr_pages": arg1,
+                                              "at": {"usage": usage, "max": mx, "memsw_usage": memsw_usage,
+                                                     "memsw_max": memsw_max} if memsw
+                                              else {"usage": usage, "max": mx}})
+                            elif t == _DRAIN:
+                                steps.append({"kind": "drain", "ts_ns": ts, "cgroup_id": cgid or None})
+                            else:
+                                steps.append({"kind": "oom_kill", "ts_ns": ts, "cgroup_id": cgid,
+                                              **_victim(arg0, arg1, flags, data)})
                         else:
-                            steps.append({"kind": "oom_kill", "ts_ns": ts, "cgroup_id": cgid,
-                                          **_victim(arg0, arg1, flags, data)})
-                    else:
-                        ep.complete = False
-                        self.steps_dropped += 1
-                    return []
-        if t == _CHARGE_ENTER:
-            comm = self._comms.get(comm) or self._comm(comm)
-            ep = Episode("charge", ts, pid, tid, comm, cpu, cgid, {"gfp": arg0, "nr_pages": arg1},
-                         entry={"usage": usage, "max": mx, "memsw_usage": memsw_usage, "memsw_max": memsw_max}
-                         if memsw else {"usage": usage, "max": mx})
-            if slots is None:
-                slots = self._slots(tid)
-            slots["charge"] = ep
-            return []
-        if t == _CHARGE_EXIT:
-            ep = slots.pop("charge", None) if slots else None
-            if ep is None:
-                self.orphans += 1
-                ep = Episode("charge", ts - duration_ns, pid, tid, self._comm(comm), cpu, cgid,
-                             {"gfp": arg0, "nr_pages": arg1}, complete=False)
-            ep.ret, ep.duration_ns = ret, duration_ns
-            ep.exit = ({"usage": usage, "max": mx, "memsw_usage": memsw_usage, "memsw_max": memsw_max}
-                       if memsw else {"usage": usage, "max": mx})
-            if not slots:
-                self._open.pop(tid, None)   # _gc
-            return [ep]
-        if t == EV.LIMIT_ENTER:
-            kind = LIMIT_KINDS.get(arg0, str(arg0))
-            if kind == "memory.limit_in_bytes" and arg2:
-                kind = "memory.memsw.limit_in_bytes"
-            args = {"file": kind, "value": arg1}
-            text = _text(data)
-            if text:
-                args["text"] = text
-            ep = Episode("limit_write", ts, pid, tid, self._comm(comm), cpu, cgid, args,
-                         entry=_counters(usage, mx, memsw_usage, memsw_max, memsw) if arg0 == 1 else None)
-            self._slots(tid)["limit"] = ep
-            return []
-        if t == EV.LIMIT_EXIT:
-            ep = slots.pop("limit", None) if slots else None
-            if ep is None:
-                self.orphans += 1
-                ep = Episode("limit_write", ts - duration_ns, pid, tid, self._comm(comm), cpu, cgid,
-                             {"file": LIMIT_KINDS.get(arg0, str(arg0)), "value": arg1}, complete=False)
-            ep.ret, ep.duration_ns = ret, duration_ns
-            ep.exit = _counters(usage, mx, memsw_usage, memsw_max, memsw) if flags & 1 else None
-            self._gc(tid)
-            return [ep]
-        if t in _STEP_TYPES:
-            if episode:
-                self.orphans += 1
-            if t == EV.OOM_KILL:
-                return [Episode("oom_kill", ts, pid, tid, self._comm(comm), cpu, cgid,
-                                _victim(arg0, arg1, flags, data), ret=0, duration_ns=0)]
-            if t == EV.RECLAIM:
-                return [Episode("reclaim", ts - duration_ns, pid, tid, self._comm(comm), cpu, cgid,
-                                {"caller": CALLERS.get(caller, "other"), "nr_pages": arg0, "gfp": arg1,
-                                 "options": arg2}, steps=[], ret=ret,
-                                exit=_counters(usage, mx, memsw_usage, memsw_max, memsw),
-                                duration_ns=duration_ns)]
-            return []  # a drain or OOM outside any episode: counted in the maps
-        if t == EV.PAGE_CHARGE_FAIL:
-            return [Episode("page_charge_fail", ts - duration_ns, pid, tid, self._comm(comm), cpu, cgid,
-                            {"nr_pages": arg0, "gfp": arg1}, ret=ret, duration_ns=duration_ns)]
-        if t == EV.TP_RECLAIM:
-            return [Episode("reclaim", ts - duration_ns, pid, tid, self._comm(comm), cpu, cgid,
-                            {"caller": "unknown", "gfp": arg1, "attribution": "task"},
-                            ret=ret, exit=_counters(usage, mx, memsw_usage, memsw_max, memsw),
-                            duration_ns=duration_ns)]
-        if t == EV.HIGH_ENTER:
-            # memory.high throttling on return to user space; counters carry
-            # memory.high (the v2 memsw slot, see high_counters in the C)
-            ep = Episode("over_high", ts, pid, tid, self._comm(comm), cpu, cgid, {"nr_pages": arg0},
-                         entry={"usage": usage, "max": mx, "high": memsw_max})
-            self._slots(tid)["high"] = ep
-            return []
-        if t == EV.HIGH_EXIT:
-            ep = slots.pop("high", None) if slots else None
-            if ep is None:
-                self.orphans += 1
-                ep = Episode("over_high", ts - duration_ns, pid, tid, self._comm(comm), cpu, cgid,
-                             {"nr_pages": arg0}, complete=False)
-            ep.ret, ep.exit, ep.duration_ns = 0, {"usage": usage, "max": mx, "high": memsw_max}, duration_ns
-            ep.args["sleep_ns"] = arg1
-            ep.args["penalty_jiffies"] = arg2
-            self._gc(tid)
-            return [ep]
-        # an event this memcgscope does not know (a newer BPF side): counted, not fatal
-        self.unknown += 1
-        return []
+                            ep.complete = False
+                            self.steps_dropped += 1
+                        hit = True
+                        break
+                if hit:
+                    continue
+            if t == _CHARGE_ENTER:
+                comm = self._comms.get(comm) or self._comm(comm)
+                ep = Episode("charge", ts, pid, tid, comm, cpu, cgid, {"gfp": arg0, "nr_pages": arg1},
+                             entry={"usage": usage, "max": mx, "memsw_usage": memsw_usage, "memsw_max": memsw_max}
+                             if memsw else {"usage": usage, "max": mx})
+                if slots is None:
+                    slots = self._slots(tid)
+                slots["charge"] = ep
+                continue
+            if t == _CHARGE_EXIT:
+                ep = slots.pop("charge", None) if slots else None
+                if ep is None:
+                    self.orphans += 1
+                    ep = Episode("charge", ts - duration_ns, pid, tid, self._comm(comm), cpu, cgid,
+                                 {"gfp": arg0, "nr_pages": arg1}, complete=False)
+                ep.ret, ep.duration_ns = ret, duration_ns
+                ep.exit = ({"usage": usage, "max": mx, "memsw_usage": memsw_usage, "memsw_max": memsw_max}
+                           if memsw else {"usage": usage, "max": mx})
+                if not slots:
+                    open_pop(tid, None)   # _gc
+                out.append(ep)
+                continue
+            if t == EV.LIMIT_ENTER:
+                kind = LIMIT_KINDS.get(arg0, str(arg0))
+                if kind == "memory.limit_in_bytes" and arg2:
+                    kind = "memory.memsw.limit_in_bytes"
+                args = {"file": kind, "value": arg1}
+                text = _text(data)
+                if text:
+                    args["text"] = text
+                ep = Episode("limit_write", ts, pid, tid, self._comm(comm), cpu, cgid, args,
+                             entry=_counters(usage, mx, memsw_usage, memsw_max, memsw) if arg0 == 1 else None)
+                self._slots(tid)["limit"] = ep
+                continue
+            if t == EV.LIMIT_EXIT:
+                ep = slots.pop("limit", None) if slots else None
+                if ep is None:
+                    self.orphans += 1
+                    ep = Episode("limit_write", ts - duration_ns, pid, tid, self._comm(comm), cpu, cgid,
+                                 {"file": LIMIT_KINDS.get(arg0, str(arg0)), "value": arg1}, complete=False)
+                ep.ret, ep.duration_ns = ret, duration_ns
+                ep.exit = _counters(usage, mx, memsw_usage, memsw_max, memsw) if flags & 1 else None
+                self._gc(tid)
+                out.append(ep)
+                continue
+            if t in _STEP_TYPES:
+                if episode:
+                    self.orphans += 1
+                if t == EV.OOM_KILL:
+                    out.append(Episode("oom_kill", ts, pid, tid, self._comm(comm), cpu, cgid,
+                                       _victim(arg0, arg1, flags, data), ret=0, duration_ns=0))
+                    continue
+                if t == EV.RECLAIM:
+                    out.append(Episode("reclaim", ts - duration_ns, pid, tid, self._comm(comm), cpu, cgid,
+                                       {"caller": CALLERS.get(caller, "other"), "nr_pages": arg0, "gfp": arg1,
+                                        "options": arg2}, steps=[], ret=ret,
+                                       exit=_counters(usage, mx, memsw_usage, memsw_max, memsw),
+                                       duration_ns=duration_ns))
+                # else a drain or OOM outside any episode: counted in the maps
+                continue
+            if t == EV.PAGE_CHARGE_FAIL:
+                out.append(Episode("page_charge_fail", ts - duration_ns, pid, tid, self._comm(comm), cpu, cgid,
+                                   {"nr_pages": arg0, "gfp": arg1}, ret=ret, duration_ns=duration_ns))
+                continue
+            if t == EV.TP_RECLAIM:
+                out.append(Episode("reclaim", ts - duration_ns, pid, tid, self._comm(comm), cpu, cgid,
+                                   {"caller": "unknown", "gfp": arg1, "attribution": "task"},
+                                   ret=ret, exit=_counters(usage, mx, memsw_usage, memsw_max, memsw),
+                                   duration_ns=duration_ns))
+                continue
+            if t == EV.HIGH_ENTER:
+                # memory.high throttling on return to user space; counters carry
+                # memory.high (the v2 memsw slot, see high_counters in the C)
+                ep = Episode("over_high", ts, pid, tid, self._comm(comm), cpu, cgid, {"nr_pages": arg0},
+                             entry={"usage": usage, "max": mx, "high": memsw_max})
+                self._slots(tid)["high"] = ep
+                continue
+            if t == EV.HIGH_EXIT:
+                ep = slots.pop("high", None) if slots else None
+                if ep is None:
+                    self.orphans += 1
+                    ep = Episode("over_high", ts - duration_ns, pid, tid, self._comm(comm), cpu, cgid,
+                                 {"nr_pages": arg0}, complete=False)
+                ep.ret, ep.exit, ep.duration_ns = 0, {"usage": usage, "max": mx, "high": memsw_max}, duration_ns
+                ep.args["sleep_ns"] = arg1
+                ep.args["penalty_jiffies"] = arg2
+                self._gc(tid)
+                out.append(ep)
+                continue
+            # an event this memcgscope does not know (a newer BPF side): counted, not fatal
+            self.unknown += 1
+        return out
 
     def _comm(self, comm) -> str:
         """text(comm), remembered: a node has few distinct comms, and every

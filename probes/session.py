@@ -343,12 +343,7 @@ class Session:
     def _drain_pending(self) -> list:
         events, self._pending = self._pending, []
         self.events_seen += len(events)
-        out = []
-        feed = self.assembler.feed_fields
-        for f in events:
-            done = feed(f)
-            if done:
-                out.extend(done)
+        out = self.assembler.feed_all(events)
         if self.on_episode:
             for ep in out:
                 self.on_episode(ep)
