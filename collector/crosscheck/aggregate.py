@@ -99,12 +99,19 @@ class AggregateChecker:
 
     def observe(self, result: CheckResult) -> None:
         # once per episode: Counter.update's own checks (an abc isinstance
-        # per call) cost more than the adding, and most results carry no
-        # failures, no events and no victims
+        # per call) cost more than the adding; most results carry no
+        # failures and no victims
         if result.failures:
             _add(self.failures, result.failures)
-        if result.events:
-            _add(self.events, result.events)
+        ev = result.events
+        if ev:   # most charges raise a max event or an oom: _add inline
+            if type(ev) is dict:
+                counter = self.events
+                get = counter.get
+                for k, n in ev.items():
+                    counter[k] = get(k, 0) + n
+            else:
+                self.events.update(ev)
         kills = result.kills
         self.kills += kills
         victims = getattr(result, "victims", None)
