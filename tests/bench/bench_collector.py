@@ -11,9 +11,10 @@
    (targets: ≥ 100,000 short, ≥ 50,000 as recorded).
    --baseline-ref REF: before/after, same machine, same run. The code of
    git REF (a temporary worktree, removed afterwards) and this tree are
-   each measured in a child process of this interpreter, alternately,
-   --rounds times; each side runs its own tree's ingest() (so each its own
-   decode path), the best round of each is printed with the ratio.
+   each measured in a child process of this interpreter, recording by
+   recording (the same files), alternately, --rounds times; each side runs
+   its own tree's ingest() (so each its own decode and assembly path), the
+   best round of each is printed with the ratio.
 2. --live (root): `memcgscope run` on this host: time from start to the
    first successful scrape, resident memory after start, CPU at idle over
    10 s.
@@ -177,10 +178,12 @@ def ingest(count: int, short: bool = False) -> dict:
 ROOT = Path(__file__).resolve().parents[2]
 
 #: runs in a child: ingest() of the tree at argv[1], importing memcgscope
-#: through the package links at argv[2] (never the editable install)
+#: through the package links at argv[2] (never the editable install), over
+#: the recordings in argv[3] (the same files for both trees)
 _CHILD = r"""
 import json, os, sys
-root, pkg, count, short = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+from pathlib import Path
+root, pkg, recordings, count, short = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
 sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
 sys.path[:0] = [pkg, os.path.join(root, "tests", "bench")]
 import bench_collector
@@ -188,6 +191,7 @@ import memcgscope.probes.assembly as asm
 for mod in (bench_collector, asm):
     if not os.path.realpath(mod.__file__).startswith(os.path.realpath(root) + os.sep):
         raise SystemExit(f"{mod.__name__} came from {mod.__file__}, not {root}")
+bench_collector.RECORDINGS = Path(recordings)
 print(json.dumps(bench_collector.ingest(count, short)))
 """
 
@@ -206,9 +210,9 @@ def _package_links(tree: Path, where: Path) -> Path:
     return where
 
 
-def _ingest_in_child(tree: Path, pkg: Path, count: int, short: bool) -> dict:
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(tree), str(pkg), str(count), "1" if short else "0"],
-                         capture_output=True, text=True)
+def _ingest_in_child(tree: Path, pkg: Path, recordings: Path, count: int, short: bool) -> dict:
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(tree), str(pkg), str(recordings), str(count),
+                          "1" if short else "0"], capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"bench_collector: ingest of {tree} failed (exit {out.returncode}):\n{out.stderr.strip()}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -238,22 +242,28 @@ class BaselineTree:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], capture_output=True)
 
 
-def compare(ref: str, count: int, short: bool, rounds: int = 2) -> dict:
-    """{recording: {"before": r, "after": r}}: the best of ``rounds``
-    alternating child runs of each tree (REF first in odd rounds)."""
+def compare(ref: str, count: int, short: bool, rounds: int = 3) -> dict:
+    """{recording: {"before": r, "after": r}}: per recording (this tree's
+    files, for both), ``rounds`` child runs of each tree back to back,
+    alternating which goes first; the best of each (the machine's load
+    only ever slows a run down)."""
     best: dict = {}
     with BaselineTree(ref) as base:
         links = Path(tempfile.mkdtemp(prefix="bench-links-"))
         try:
             sides = {"before": (base, _package_links(base, links / "before")),
                      "after": (ROOT, _package_links(ROOT, links / "after"))}
-            for i in range(rounds):
-                for side in (("before", "after") if i % 2 == 0 else ("after", "before")):
-                    tree, pkg = sides[side]
-                    for name, r in _ingest_in_child(tree, pkg, count, short).items():
-                        cur = best.setdefault(name, {}).get(side)
-                        if cur is None or r["per_second"] > cur["per_second"]:
-                            best[name][side] = r
+            for path in sorted(RECORDINGS.glob("*.jsonl")):
+                one = links / "recordings" / path.stem
+                one.mkdir(parents=True)
+                (one / path.name).symlink_to(path)
+                for i in range(rounds):
+                    for side in (("before", "after") if i % 2 == 0 else ("after", "before")):
+                        tree, pkg = sides[side]
+                        for name, r in _ingest_in_child(tree, pkg, one, count, short).items():
+                            cur = best.setdefault(name, {}).get(side)
+                            if cur is None or r["per_second"] > cur["per_second"]:
+                                best[name][side] = r
         finally:
             shutil.rmtree(links, ignore_errors=True)
     return best
@@ -319,7 +329,8 @@ def main(argv=None) -> int:
     ap.add_argument("--count", type=int, default=100_000, help="episodes per recording")
     ap.add_argument("--baseline-ref", metavar="REF",
                     help="also measure the code of git REF, alternately, and print both and the ratio")
-    ap.add_argument("--rounds", type=int, default=2, help="with --baseline-ref: alternating runs of each side")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="with --baseline-ref: runs of each side per recording, alternating (the best counts)")
     ap.add_argument("--live", action="store_true", help="also start memcgscope run here (root)")
     args = ap.parse_args(argv)
     if args.count < 1 or args.rounds < 1:
