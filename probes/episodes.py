@@ -136,7 +136,7 @@ assert tuple(Event.__dataclass_fields__) == tuple(f for f, _, _ in EVENT_FIELDS)
 
 
 #: decode_fields(buf) -> the event's fields as a tuple, in EVENT_FIELDS
-#: order: what EpisodeAssembler.feed_fields takes. The collector's path:
+#: order: what EpisodeAssembler.feed_fields and feed_all take. The collector's path:
 #: building an Event costs more than the unpack itself
 decode_fields = _EVENT.unpack_from
 

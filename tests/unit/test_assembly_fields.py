@@ -116,3 +116,49 @@ def test_inline_steps_have_the_documented_form(memsw):
     ]
     j = ep.to_json()
     assert (j["comm"], j["entry"], j["exit"], j["ret"], j["duration_ns"]) == ("task", cnt, cnt, 10, 15)
+
+
+def test_session_polls_assemble_what_feed_assembles():
+    """Session.poll: the ring buffer's records (a short one dropped, as
+    before) decoded to field tuples and assembled per poll: the episodes
+    feed() gives one event at a time, handed to on_episode too; in_flight
+    reads the undelivered ones."""
+    import threading
+
+    from memcgscope.probes.episodes import EVENT_SIZE
+    from memcgscope.probes.session import Session
+
+    path = sorted(bench_collector.RECORDINGS.glob("*.jsonl"))[2]
+    rec = load_recording(str(path))
+    records = [raw for _, ep in rec.episodes for raw in bench_collector.to_raw_events(ep)]
+    polls = [records[k:k + 50] for k in range(0, len(records), 50)]
+    polls[1].insert(3, b"\0" * (EVENT_SIZE - 1))
+
+    class Ring:
+        def available(self):
+            return 1
+
+        def consume(self, limit=None):
+            return polls.pop(0) if polls else []
+
+    s = Session(on_episode=lambda ep: seen.append(ep))
+    s._ring_lock = threading.Lock()
+    s._ring = Ring()
+    s.assembler = EpisodeAssembler(memsw=rec.header["memsw"])
+    seen, got = [], []
+    first = polls[0]
+    edges = {EV.CHARGE_ENTER, EV.CHARGE_EXIT, EV.LIMIT_ENTER, EV.LIMIT_EXIT}
+    want_ids = set()
+    for e in map(decode_bytes, first):
+        if e.type in edges or e.type == EV.OOM_KILL:
+            want_ids.add(e.cgid)
+        if e.type == EV.OOM_KILL and e.flags & 2:
+            want_ids.add(e.arg1)
+    assert s.in_flight() == want_ids and want_ids
+    assert len(s._pending) == len(first)
+    while polls:
+        got += s.poll(0)
+    ref = EpisodeAssembler(memsw=rec.header["memsw"])
+    want = [e for raw in records for e in ref.feed(decode_bytes(raw))]
+    assert [json.dumps(e.to_json()) for e in got] == [json.dumps(e.to_json()) for e in want]
+    assert seen == got and s.events_seen == len(records) and len(want) > 20
