@@ -116,14 +116,15 @@ class CheckPipeline:
         return res
 
     def _count(self, result: CheckResult, episode, kind) -> None:
+        checks = self._checks
         with self._lock:
             if kind is not None:
                 self._episodes[kind] += 1
-            for check, verdict in result.checks:
-                self._checks[(check, verdict)] += 1
+            for c in result.checks:     # (check, verdict) tuples: the key as it is
+                checks[c] += 1
             for div in result.divergences:
                 self._divergences[(div.check, div.reason)] += 1
-        if self.on_divergence is not None:
+        if result.divergences and self.on_divergence is not None:
             for div in result.divergences:
                 try:
                     self.on_divergence(div, episode if episode is not None else div.episode)

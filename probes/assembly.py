@@ -6,62 +6,50 @@ An episode is one slow-path call of the charge core, or one limit write,
 with its nested steps in order; page-charge failures, OOM kills outside a
 charge and (tracepoint mode) memcg reclaims stand alone. Assembly is pure
 Python: `EpisodeAssembler.feed(Event)` returns the episodes that event
-completed.
+completed; `feed_all([decode_fields(buf), ...])`, the collector's path,
+does the same for a poll's events as field tuples (one implementation:
+`feed` and `feed_fields` hand their one event to it).
 """
 
 from __future__ import annotations
 
-from .episodes import CALLERS, EV, LIMIT_KINDS, Episode, Event, text as _text
+from operator import attrgetter
+
+from .episodes import CALLERS, EV, EVENT_FIELDS, LIMIT_KINDS, Episode, Event, text as _text
 
 __all__ = ["EpisodeAssembler"]
 
 
-def _counters(e: Event, memsw: bool) -> dict:
-    d = {"usage": e.usage, "max": e.max}
+#: an Event's fields as the tuple decode_fields() gives (struct event_t order)
+_fields_of = attrgetter(*(name for name, _, _ in EVENT_FIELDS))
+_STEP_TYPES = frozenset((EV.RECLAIM, EV.COUNTER_FAIL, EV.DRAIN, EV.OOM, EV.OOM_KILL))
+_OOM, _RECLAIM, _COUNTER_FAIL, _DRAIN = EV.OOM, EV.RECLAIM, EV.COUNTER_FAIL, EV.DRAIN
+_CHARGE_ENTER, _CHARGE_EXIT, _REPEAT = EV.CHARGE_ENTER, EV.CHARGE_EXIT, EV.REPEAT
+_COMMS_MAX = 4096   # distinct comm texts remembered
+
+
+def _counters(usage, mx, memsw_usage, memsw_max, memsw: bool) -> dict:
     if memsw:
-        d["memsw_usage"] = e.memsw_usage
-        d["memsw_max"] = e.memsw_max
-    return d
+        return {"usage": usage, "max": mx, "memsw_usage": memsw_usage, "memsw_max": memsw_max}
+    return {"usage": usage, "max": mx}
 
 
-def _high_counters(e: Event) -> dict:
-    return {"usage": e.usage, "max": e.max, "high": e.memsw_max}
-
-
-def _victim(e: Event) -> dict:
+def _victim(arg0, arg1, flags, data) -> dict:
     """An OOM kill's victim: its pid, and where the tracepoint handed over
     its task (flags bit 1), its own memcg and comm. The event's cgroup is
     the trigger: the memcg whose OOM ran."""
-    d = {"victim_pid": e.arg0}
-    if e.flags & 2:
-        d["victim_cgroup_id"] = e.arg1
-        d["victim_comm"] = _text(e.data)
+    d = {"victim_pid": arg0}
+    if flags & 2:
+        d["victim_cgroup_id"] = arg1
+        d["victim_comm"] = _text(data)
     return d
-
-
-def _step(e: Event, memsw: bool) -> dict:
-    if e.type == EV.RECLAIM:
-        return {"kind": "reclaim", "ts_ns": e.ts, "cgroup_id": e.cgid, "nr_pages": e.arg0, "gfp": e.arg1,
-                "options": e.arg2, "freed": e.ret, "caller": CALLERS.get(e.caller, "other"),
-                "duration_ns": e.duration_ns, "after": _counters(e, memsw)}
-    if e.type == EV.COUNTER_FAIL:
-        return {"kind": "counter_fail", "ts_ns": e.ts, "cgroup_id": e.cgid,
-                "counter": "memsw" if e.arg0 else "memory", "nr_pages": e.arg1, "at": _counters(e, memsw)}
-    if e.type == EV.DRAIN:
-        return {"kind": "drain", "ts_ns": e.ts, "cgroup_id": e.cgid or None}
-    if e.type == EV.OOM:
-        return {"kind": "oom", "ts_ns": e.ts, "cgroup_id": e.cgid, "gfp": e.arg0, "order": e.arg1,
-                "result": bool(e.ret), "duration_ns": e.duration_ns, "after": _counters(e, memsw)}
-    if e.type == EV.OOM_KILL:
-        return {"kind": "oom_kill", "ts_ns": e.ts, "cgroup_id": e.cgid, **_victim(e)}
-    raise ValueError(f"event type {e.type} is not a step")
 
 
 class EpisodeAssembler:
     """Groups events by task into episodes. `memsw` says whether the v1
     memsw counters are meaningful (v1 with swap accounting)."""
 
-    STEP_TYPES = {EV.RECLAIM, EV.COUNTER_FAIL, EV.DRAIN, EV.OOM, EV.OOM_KILL}
+    STEP_TYPES = _STEP_TYPES
     #: steps kept per episode: a memory.max write that loops for ever (a
     #: superseded limit on a kernel without the break,
     #: profile limit_superseded_break: mem_cgroup_out_of_memory
@@ -78,120 +66,195 @@ class EpisodeAssembler:
         self.orphans = 0  # events whose episode start was never seen
         self.unknown = 0  # events of a type this assembler does not know
         self.steps_dropped = 0  # steps past MAX_STEPS of their episode
+        self._comms: dict = {}  # comm as sent -> its text
 
     def feed(self, e: Event) -> list[Episode]:
-        t = e.type
-        slots = self._open.get(e.tid)
-        if t in self.STEP_TYPES and slots:
-            # the common case first: a step of the innermost open episode it was tagged with
-            for ep in slots.values():
-                if ep.ts_ns == e.episode:
-                    if len(ep.steps) < self.MAX_STEPS:
-                        ep.steps.append(_step(e, self.memsw))
-                    else:
-                        ep.complete = False
-                        self.steps_dropped += 1
-                    return []
-        if t == EV.REPEAT:
-            return self._repeat(e, slots)
-        if t == EV.CHARGE_ENTER:
-            ep = Episode("charge", e.ts, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
-                         {"gfp": e.arg0, "nr_pages": e.arg1}, entry=_counters(e, self.memsw))
-            self._slots(e.tid)["charge"] = ep
-            return []
-        if t == EV.CHARGE_EXIT:
-            ep = slots.pop("charge", None) if slots else None
-            if ep is None:
-                self.orphans += 1
-                ep = Episode("charge", e.ts - e.duration_ns, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
-                             {"gfp": e.arg0, "nr_pages": e.arg1}, complete=False)
-            ep.ret, ep.exit, ep.duration_ns = e.ret, _counters(e, self.memsw), e.duration_ns
-            self._gc(e.tid)
-            return [ep]
-        if t == EV.LIMIT_ENTER:
-            kind = LIMIT_KINDS.get(e.arg0, str(e.arg0))
-            if kind == "memory.limit_in_bytes" and e.arg2:
-                kind = "memory.memsw.limit_in_bytes"
-            args = {"file": kind, "value": e.arg1}
-            text = _text(e.data)
-            if text:
-                args["text"] = text
-            ep = Episode("limit_write", e.ts, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid, args,
-                         entry=_counters(e, self.memsw) if e.arg0 == 1 else None)
-            self._slots(e.tid)["limit"] = ep
-            return []
-        if t == EV.LIMIT_EXIT:
-            ep = slots.pop("limit", None) if slots else None
-            if ep is None:
-                self.orphans += 1
-                ep = Episode("limit_write", e.ts - e.duration_ns, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
-                             {"file": LIMIT_KINDS.get(e.arg0, str(e.arg0)), "value": e.arg1}, complete=False)
-            ep.ret, ep.duration_ns = e.ret, e.duration_ns
-            ep.exit = _counters(e, self.memsw) if e.flags & 1 else None
-            self._gc(e.tid)
-            return [ep]
-        if t in self.STEP_TYPES:
-            if e.episode:
-                self.orphans += 1
-            if t == EV.OOM_KILL:
-                return [Episode("oom_kill", e.ts, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
-                                _victim(e), ret=0, duration_ns=0)]
-            if t == EV.RECLAIM:
-                return [Episode("reclaim", e.ts - e.duration_ns, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
-                                {"caller": CALLERS.get(e.caller, "other"), "nr_pages": e.arg0, "gfp": e.arg1,
-                                 "options": e.arg2}, steps=[], ret=e.ret, exit=_counters(e, self.memsw),
-                                duration_ns=e.duration_ns)]
-            return []  # a drain or OOM outside any episode: counted in the maps
-        if t == EV.PAGE_CHARGE_FAIL:
-            return [Episode("page_charge_fail", e.ts - e.duration_ns, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
-                            {"nr_pages": e.arg0, "gfp": e.arg1}, ret=e.ret, duration_ns=e.duration_ns)]
-        if t == EV.TP_RECLAIM:
-            return [Episode("reclaim", e.ts - e.duration_ns, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
-                            {"caller": "unknown", "gfp": e.arg1, "attribution": "task"},
-                            ret=e.ret, exit=_counters(e, self.memsw), duration_ns=e.duration_ns)]
-        if t == EV.HIGH_ENTER:
-            # memory.high throttling on return to user space; counters carry
-            # memory.high (the v2 memsw slot, see high_counters in the C)
-            ep = Episode("over_high", e.ts, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid, {"nr_pages": e.arg0},
-                         entry=_high_counters(e))
-            self._slots(e.tid)["high"] = ep
-            return []
-        if t == EV.HIGH_EXIT:
-            ep = slots.pop("high", None) if slots else None
-            if ep is None:
-                self.orphans += 1
-                ep = Episode("over_high", e.ts - e.duration_ns, e.pid, e.tid, _text(e.comm), e.cpu, e.cgid,
-                             {"nr_pages": e.arg0}, complete=False)
-            ep.ret, ep.exit, ep.duration_ns = 0, _high_counters(e), e.duration_ns
-            ep.args["sleep_ns"] = e.arg1
-            ep.args["penalty_jiffies"] = e.arg2
-            self._gc(e.tid)
-            return [ep]
-        # an event this memcgscope does not know (a newer BPF side): counted, not fatal
-        self.unknown += 1
-        return []
+        return self.feed_fields(_fields_of(e))
 
-    def _repeat(self, e: Event, slots) -> list:
-        """EV_REPEAT: the episode's last step (an OOM step) happened
-        ``e.arg0`` more times; expanded here into that many steps (one dict,
-        shared), so every consumer sees the loop as the kernel ran it.
-        Their durations are the repeats' mean; their time is the send's."""
+    def feed_fields(self, f: tuple) -> list[Episode]:
+        """``feed`` of an event as its field tuple, in struct event_t order
+        (``decode_fields`` of the ring buffer's bytes)."""
+        return self.feed_all((f,))
+
+    def feed_all(self, events) -> list[Episode]:
+        """``feed_fields`` of each field tuple in turn → the episodes they
+        completed, in order: the collector's path (a poll's records in one
+        call, no Event built per event, the assembler's state read once)."""
+        out: list[Episode] = []
+        memsw = self.memsw
+        open_get, open_pop = self._open.get, self._open.pop
+        max_steps = self.MAX_STEPS
+        for f in events:
+            (t, cpu, pid, tid, ts, episode, cgid, arg0, arg1, arg2, ret, usage, mx, memsw_usage, memsw_max,
+             duration_ns, caller, flags, comm, data) = f
+            slots = open_get(tid)
+            hit = False
+            if slots and t in _STEP_TYPES:
+                # the common case first: a step of the innermost open episode it was tagged with
+                for ep in slots.values():
+                    if ep.ts_ns == episode:
+                        steps = ep.steps
+                        if len(steps) < max_steps:
+                            # the dicts of _step(), built inline (one call less per step)
+                            if t == _OOM:
+                                steps.append({"kind": "oom", "ts_ns": ts, "cgroup_id": cgid, "gfp": arg0,
+                                              "order": arg1, "result": bool(ret), "duration_ns": duration_ns,
+                                              "after": {"usage": usage, "max": mx, "memsw_usage": memsw_usage,
+                                                        "memsw_max": memsw_max} if memsw
+                                              else {"usage": usage, "max": mx}})
+                            elif t == _RECLAIM:
+                                steps.append({"kind": "reclaim", "ts_ns": ts, "cgroup_id": cgid, "nr_pages": arg0,
+                                              "gfp": arg1, "options": arg2, "freed": ret,
+                                              "caller": CALLERS.get(caller, "other"), "duration_ns": duration_ns,
+                                              "after": {"usage": usage, "max": mx, "memsw_usage": memsw_usage,
+                                                        "memsw_max": memsw_max} if memsw
+                                              else {"usage": usage, "max": mx}})
+                            elif t == _COUNTER_FAIL:
+                                steps.append({"kind": "counter_fail", "ts_ns": ts, "cgroup_id": cgid,
+                                              "counter": "memsw" if arg0 else "memory", "nr_pages": arg1,
+                                              "at": {"usage": usage, "max": mx, "memsw_usage": memsw_usage,
+                                                     "memsw_max": memsw_max} if memsw
+                                              else {"usage": usage, "max": mx}})
+                            elif t == _DRAIN:
+                                steps.append({"kind": "drain", "ts_ns": ts, "cgroup_id": cgid or None})
+                            else:
+                                steps.append({"kind": "oom_kill", "ts_ns": ts, "cgroup_id": cgid,
+                                              **_victim(arg0, arg1, flags, data)})
+                        else:
+                            ep.complete = False
+                            self.steps_dropped += 1
+                        hit = True
+                        break
+                if hit:
+                    continue
+            if t == _REPEAT:
+                self._repeat(episode, arg0, ts, duration_ns, slots)
+                continue
+            if t == _CHARGE_ENTER:
+                comm = self._comms.get(comm) or self._comm(comm)
+                ep = Episode("charge", ts, pid, tid, comm, cpu, cgid, {"gfp": arg0, "nr_pages": arg1},
+                             entry={"usage": usage, "max": mx, "memsw_usage": memsw_usage, "memsw_max": memsw_max}
+                             if memsw else {"usage": usage, "max": mx})
+                if slots is None:
+                    slots = self._slots(tid)
+                slots["charge"] = ep
+                continue
+            if t == _CHARGE_EXIT:
+                ep = slots.pop("charge", None) if slots else None
+                if ep is None:
+                    self.orphans += 1
+                    ep = Episode("charge", ts - duration_ns, pid, tid, self._comm(comm), cpu, cgid,
+                                 {"gfp": arg0, "nr_pages": arg1}, complete=False)
+                ep.ret, ep.duration_ns = ret, duration_ns
+                ep.exit = ({"usage": usage, "max": mx, "memsw_usage": memsw_usage, "memsw_max": memsw_max}
+                           if memsw else {"usage": usage, "max": mx})
+                if not slots:
+                    open_pop(tid, None)   # _gc
+                out.append(ep)
+                continue
+            if t == EV.LIMIT_ENTER:
+                kind = LIMIT_KINDS.get(arg0, str(arg0))
+                if kind == "memory.limit_in_bytes" and arg2:
+                    kind = "memory.memsw.limit_in_bytes"
+                args = {"file": kind, "value": arg1}
+                text = _text(data)
+                if text:
+                    args["text"] = text
+                ep = Episode("limit_write", ts, pid, tid, self._comm(comm), cpu, cgid, args,
+                             entry=_counters(usage, mx, memsw_usage, memsw_max, memsw) if arg0 == 1 else None)
+                self._slots(tid)["limit"] = ep
+                continue
+            if t == EV.LIMIT_EXIT:
+                ep = slots.pop("limit", None) if slots else None
+                if ep is None:
+                    self.orphans += 1
+                    ep = Episode("limit_write", ts - duration_ns, pid, tid, self._comm(comm), cpu, cgid,
+                                 {"file": LIMIT_KINDS.get(arg0, str(arg0)), "value": arg1}, complete=False)
+                ep.ret, ep.duration_ns = ret, duration_ns
+                ep.exit = _counters(usage, mx, memsw_usage, memsw_max, memsw) if flags & 1 else None
+                self._gc(tid)
+                out.append(ep)
+                continue
+            if t in _STEP_TYPES:
+                if episode:
+                    self.orphans += 1
+                if t == EV.OOM_KILL:
+                    out.append(Episode("oom_kill", ts, pid, tid, self._comm(comm), cpu, cgid,
+                                       _victim(arg0, arg1, flags, data), ret=0, duration_ns=0))
+                    continue
+                if t == EV.RECLAIM:
+                    out.append(Episode("reclaim", ts - duration_ns, pid, tid, self._comm(comm), cpu, cgid,
+                                       {"caller": CALLERS.get(caller, "other"), "nr_pages": arg0, "gfp": arg1,
+                                        "options": arg2}, steps=[], ret=ret,
+                                       exit=_counters(usage, mx, memsw_usage, memsw_max, memsw),
+                                       duration_ns=duration_ns))
+                # else a drain or OOM outside any episode: counted in the maps
+                continue
+            if t == EV.PAGE_CHARGE_FAIL:
+                out.append(Episode("page_charge_fail", ts - duration_ns, pid, tid, self._comm(comm), cpu, cgid,
+                                   {"nr_pages": arg0, "gfp": arg1}, ret=ret, duration_ns=duration_ns))
+                continue
+            if t == EV.TP_RECLAIM:
+                out.append(Episode("reclaim", ts - duration_ns, pid, tid, self._comm(comm), cpu, cgid,
+                                   {"caller": "unknown", "gfp": arg1, "attribution": "task"},
+                                   ret=ret, exit=_counters(usage, mx, memsw_usage, memsw_max, memsw),
+                                   duration_ns=duration_ns))
+                continue
+            if t == EV.HIGH_ENTER:
+                # memory.high throttling on return to user space; counters carry
+                # memory.high (the v2 memsw slot, see high_counters in the C)
+                ep = Episode("over_high", ts, pid, tid, self._comm(comm), cpu, cgid, {"nr_pages": arg0},
+                             entry={"usage": usage, "max": mx, "high": memsw_max})
+                self._slots(tid)["high"] = ep
+                continue
+            if t == EV.HIGH_EXIT:
+                ep = slots.pop("high", None) if slots else None
+                if ep is None:
+                    self.orphans += 1
+                    ep = Episode("over_high", ts - duration_ns, pid, tid, self._comm(comm), cpu, cgid,
+                                 {"nr_pages": arg0}, complete=False)
+                ep.ret, ep.exit, ep.duration_ns = 0, {"usage": usage, "max": mx, "high": memsw_max}, duration_ns
+                ep.args["sleep_ns"] = arg1
+                ep.args["penalty_jiffies"] = arg2
+                self._gc(tid)
+                out.append(ep)
+                continue
+            # an event this memcgscope does not know (a newer BPF side): counted, not fatal
+            self.unknown += 1
+        return out
+
+    def _repeat(self, episode: int, n: int, ts: int, duration_ns: int, slots) -> None:
+        """EV_REPEAT: the episode's last step (an OOM step) happened ``n``
+        more times (probes/memcgscope.bpf.c on_oom_exit: the OOM retry loop,
+        run-length encoded); expanded here into that many steps (one dict,
+        shared), so every consumer sees the loop as the kernel ran it. Their
+        duration is the repeats' mean, their time the send's."""
         for ep in (slots or {}).values():
-            if ep.ts_ns == e.episode and ep.steps:
-                n = e.arg0
+            if ep.ts_ns == episode and ep.steps:
                 room = max(0, self.MAX_STEPS - len(ep.steps))
+                total = n
                 if n > room:
                     ep.complete = False
                     self.steps_dropped += n - room
                     n = room
                 if n:
                     last = ep.steps[-1]
-                    step = dict(last, ts_ns=e.ts, duration_ns=e.duration_ns // e.arg0) \
-                        if "duration_ns" in last else dict(last, ts_ns=e.ts)
+                    step = dict(last, ts_ns=ts)
+                    if "duration_ns" in last:
+                        step["duration_ns"] = duration_ns // total
                     ep.steps.extend([step] * n)
-                return []
+                return
         self.orphans += 1   # its episode (or its first step) was never seen
-        return []
+
+    def _comm(self, comm) -> str:
+        """text(comm), remembered: a node has few distinct comms, and every
+        episode's first event converts one."""
+        s = self._comms.get(comm)
+        if s is None:
+            s = _text(comm)
+            if len(self._comms) < _COMMS_MAX:
+                self._comms[comm] = s
+        return s
 
     def _slots(self, tid: int) -> dict:
         slots = self._open.get(tid)

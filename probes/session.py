@@ -31,7 +31,7 @@ from . import attach as _attach
 from . import loader as _loader
 from .assembly import EpisodeAssembler
 from .detect import tracefs_mounted
-from .episodes import CALLERS, EV, EVENT_SIZE, LIMIT_KINDS, Visibility, decode_bytes, visibility
+from .episodes import CALLERS, EV, EVENT_SIZE, LIMIT_KINDS, Event, Visibility, decode_fields, visibility
 from .maps import BpfMap, Layout, MapError
 from .program import COUNTED_MAPS, Program, ProbeStatus
 from .ringbuf import RingBuffer, RingBufferError
@@ -339,16 +339,15 @@ class Session:
             # a second) an unbounded read never finds the buffer empty and
             # poll() never returns to its caller
             records = self._ring.consume(limit=self.CONSUME_LIMIT)
+        pending = self._pending
         for r in records:
             if len(r) >= EVENT_SIZE:
-                self._pending.append(decode_bytes(r))
+                pending.append(decode_fields(r))   # field tuples: the assembler's fast path
 
     def _drain_pending(self) -> list:
         events, self._pending = self._pending, []
         self.events_seen += len(events)
-        out = []
-        for e in events:
-            out.extend(self.assembler.feed(e))
+        out = self.assembler.feed_all(events)
         if self.on_episode:
             for ep in out:
                 self.on_episode(ep)
@@ -369,7 +368,8 @@ class Session:
         # hands out as usual.
         self._consume()
         ids = self.assembler.open_cgroups(time.monotonic_ns() - int(max_age_s * 1e9))
-        for e in self._pending:
+        for f in self._pending:
+            e = Event(*f)
             if e.type in _EPISODE_EDGES:
                 ids.add(e.cgid)
             elif e.type == EV.OOM_KILL:

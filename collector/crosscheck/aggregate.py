@@ -46,6 +46,19 @@ def compare_count(check: str, reason: str, kernel_delta: int, implied: int, *,
     return None
 
 
+def _add(counter: Counter, counts) -> None:
+    """``counter.update(counts)``; plain dicts (what CheckResult holds) added
+    in place, anything else left to Counter."""
+    if not counts:
+        return
+    if type(counts) is dict:
+        get = counter.get
+        for k, n in counts.items():
+            counter[k] = get(k, 0) + n
+    else:
+        counter.update(counts)
+
+
 class AggregateChecker:
     """Compares cgroupfs counters with what the episodes imply, per cgroup.
 
@@ -85,12 +98,30 @@ class AggregateChecker:
         self.unknown_victims = 0             # kills whose victim's cgroup was not read
 
     def observe(self, result: CheckResult) -> None:
-        self.failures.update(result.failures)
-        self.events.update(result.events)
-        self.kills += result.kills
-        known = sum(getattr(result, "victims", {}).values())
-        self.victims.update(getattr(result, "victims", {}))
-        self.unknown_victims += max(0, result.kills - known)
+        # once per episode: Counter.update's own checks (an abc isinstance
+        # per call) cost more than the adding; most results carry no
+        # failures and no victims
+        if result.failures:
+            _add(self.failures, result.failures)
+        ev = result.events
+        if ev:   # most charges raise a max event or an oom: _add inline
+            if type(ev) is dict:
+                counter = self.events
+                get = counter.get
+                for k, n in ev.items():
+                    counter[k] = get(k, 0) + n
+            else:
+                self.events.update(ev)
+        kills = result.kills
+        self.kills += kills
+        victims = getattr(result, "victims", None)
+        if victims:
+            known = sum(victims.values())
+            _add(self.victims, victims)
+        else:
+            known = 0
+        if kills > known:
+            self.unknown_victims += kills - known
 
     def observe_episodes(self, episodes) -> None:
         """Check a window's episodes (dicts) with this checker's own

@@ -141,7 +141,8 @@ class CrossChecker:
 
     # -- charge ------------------------------------------------------------------------
     def _check_charge(self, ep, res):
-        if ep.get("complete") is False:
+        get = ep.get
+        if get("complete") is False:
             res.checks.append(("charge", "skipped"))
             return
         cid = ep["cgroup_id"]
@@ -151,7 +152,8 @@ class CrossChecker:
         # what breaks that raises, and the validator names it)
         if type(cid) is not int:
             raise BadInput()
-        shape, ids = shape_of(ep.get("steps") or (), cid, self.memsw)
+        steps = get("steps") or ()
+        shape, ids = shape_of(steps, cid, self.memsw)
         if self.ancestors is not None and not self._check_ancestry(ep, ids, res, "charge"):
             return
         key = ("charge", gfp, nr, ret, shape)
@@ -172,14 +174,16 @@ class CrossChecker:
         for (rel, counter), n in fails:
             k = (ids[rel], counter)
             res.failures[k] = res.failures.get(k, 0) + n
-        res.kills += kills
-        count_victims(ep.get("steps") or (), res)
-        ts = ep.get("ts_ns", 0)
+        if kills:
+            # kills counts the shape's oom_kill steps (with_counts): none, no victims
+            res.kills += kills
+            count_victims(steps, res)
+        ts = get("ts_ns", 0)
         tids = self._charges_by_tid
         if len(tids) > _TIDS_MAX:
             tids.clear()     # only the latest charge of a task is ever asked for
-        dur = ep.get("duration_ns")
-        tids[ep.get("tid")] = (ts, ts if dur is None else ts + dur, nr, ret)
+        dur = get("duration_ns")
+        tids[get("tid")] = (ts, ts if dur is None else ts + dur, nr, ret)
         if forced:
             self._last_forced_ns = ts
         if verdict == "divergent":
@@ -201,14 +205,22 @@ class CrossChecker:
         if type(cid) is not int:
             raise BadInput()
         shape, ids = shape_of(ep.get("steps") or (), cid, self.memsw)
-        res.kills += sum(1 for s in shape if s[0] == "K")
-        count_victims(ep.get("steps") or (), res)
+        kills, fails = 0, False
+        for s in shape:     # one pass (an OOM loop's shape has hundreds of steps)
+            c = s[0]
+            if c == "K":
+                kills += 1
+            elif c == "F":
+                fails = True
+        if kills:
+            res.kills += kills
+            count_victims(ep.get("steps") or (), res)
         if not self._check_ancestry(ep, ids, res, "limit_write"):
             return
         if (fname in V1_FILES) != (self.cgroup == "v1") or fname not in V1_FILES + V2_FILES:
             self.flag(res, "limit_write", "malformed", f"file: {fname} on cgroup {self.cgroup}", ep)
             return
-        if any(s[0] == "F" for s in shape):
+        if fails:
             # limit writes charge nothing: a charge's steps got mixed in
             self.flag(res, "limit_write", "malformed", "steps: counter failure inside a limit write", ep)
             return

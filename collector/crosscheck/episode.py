@@ -70,7 +70,12 @@ def shape_of(steps, cid, memsw: bool):
             if rel is None:
                 rel = rels[g] = len(ids)
                 ids.append(g)
-        if k == "counter_fail":
+        if k == "oom":
+            # first: an OOM loop (a memory.max write's, a killed task's
+            # charge) repeats it hundreds of times; the result as given
+            # (true == 1): validated with the key
+            add(("O", rel, s.get("gfp"), s["order"], s["result"]))
+        elif k == "counter_fail":
             add(("F", s["counter"], s["nr_pages"], rel))
         elif k == "reclaim":
             nr = s["nr_pages"]
@@ -89,9 +94,6 @@ def shape_of(steps, cid, memsw: bool):
                  opt is None or bool(opt & MAY_SWAP)))
         elif k == "drain":
             add(("D", rel))
-        elif k == "oom":
-            # the result as given (true == 1): validated with the key
-            add(("O", rel, s.get("gfp"), s["order"], s["result"]))
         elif k == "oom_kill":
             add(("K", rel))
         else:

@@ -1,6 +1,6 @@
 """The collector's costs, on this machine.
 
-    python tests/bench/bench_collector.py [--count N] [--live]
+    python tests/bench/bench_collector.py [--count N] [--baseline-ref REF [--rounds N]] [--live]
 
 1. Ingest (no root): episodes recorded on the Debian guests
    (tests/unit/data/recordings) are turned back into the raw ring-buffer
@@ -8,7 +8,13 @@
    collector does with each: decode, episode assembly, cgroup label, the
    model cross-check, the counters behind the metrics, and a /metrics
    render every 10,000 episodes. Prints episodes per second on one core
-   (target ≥ 50,000).
+   (targets: ≥ 100,000 short, ≥ 50,000 as recorded).
+   --baseline-ref REF: before/after, same machine, same run. The code of
+   git REF (a temporary worktree, removed afterwards) and this tree are
+   each measured in a child process of this interpreter, recording by
+   recording (the same files), alternately, --rounds times; each side runs
+   its own tree's ingest() (so each its own decode and assembly path), the
+   best round of each is printed with the ratio.
 2. --live (root): `memcgscope run` on this host: time from start to the
    first successful scrape, resident memory after start, CPU at idle over
    10 s.
@@ -19,11 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -36,10 +45,13 @@ from memcgscope.collector.pipeline import CheckPipeline
 from memcgscope.collector.replay_cmd import profile_of
 from memcgscope.collector.watch import WatchList
 from memcgscope.probes.assembly import EpisodeAssembler
-from memcgscope.probes.episodes import EV, RawEvent, decode_bytes, load_recording
+from memcgscope.probes.episodes import EV, RawEvent, decode_fields, load_recording
 from memcgscope.probes.session import Aggregates
 
 RECORDINGS = Path(__file__).resolve().parents[1] / "unit" / "data" / "recordings"
+#: records per poll in ingest(): a busy node's polls hand over thousands
+#: (Session.CONSUME_LIMIT is 8192); 64 keeps the batches small
+POLL = 64
 CALLER = {"other": 0, "charge": 1, "v1_limit": 2, "v2_max": 3, "v2_high": 4, "unknown": 5}
 LIMIT_KIND = {"memory.limit_in_bytes": 1, "memory.memsw.limit_in_bytes": 1, "memory.max": 2, "memory.high": 3}
 
@@ -138,22 +150,146 @@ def ingest(count: int, short: bool = False) -> dict:
         registry = CollectorRegistry()
         registry.register(MemcgCollector(daemon))
         assembler = EpisodeAssembler(memsw=header["memsw"])
+        # the recording's events as the ring buffer hands them over: POLL
+        # records a poll (Session: decoded, then assembled in one call)
+        records = [raw for stream in streams for raw in stream]
+        polls = [records[k:k + POLL] for k in range(0, len(records), POLL)]
         done = 0
         start = time.process_time()
         i = 0
         while done < count:
-            for raw in streams[i % len(streams)]:
-                for ep in assembler.feed(decode_bytes(raw)):
-                    daemon.handle(ep)
-                    done += 1
-                    if done % 10_000 == 0:
-                        generate_latest(registry)
+            for ep in assembler.feed_all([decode_fields(raw) for raw in polls[i % len(polls)]]):
+                daemon.handle(ep)
+                done += 1
+                if done % 10_000 == 0:
+                    generate_latest(registry)
+                if done == count:
+                    break   # the same episodes as a baseline that feeds one at a time
             i += 1
         took = time.process_time() - start
         counts = daemon.check_counts()
         results[path.stem] = {"episodes": done, "seconds": took, "per_second": done / took,
                               "checks": sum(counts.checks.values()), "divergences": counts.total_divergences}
     return results
+
+
+# --- before/after ---------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: runs in a child: ingest() of the tree at argv[1], importing memcgscope
+#: through the package links at argv[2] (never the editable install), over
+#: the recordings in argv[3] (the same files for both trees)
+_CHILD = r"""
+import json, os, sys
+from pathlib import Path
+root, pkg, recordings, count, short = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+sys.path[:0] = [pkg, os.path.join(root, "tests", "bench")]
+import bench_collector
+import memcgscope.probes.assembly as asm
+for mod in (bench_collector, asm):
+    if not os.path.realpath(mod.__file__).startswith(os.path.realpath(root) + os.sep):
+        raise SystemExit(f"{mod.__name__} came from {mod.__file__}, not {root}")
+bench_collector.RECORDINGS = Path(recordings)
+print(json.dumps(bench_collector.ingest(count, short)))
+"""
+
+
+def _package_links(tree: Path, where: Path) -> Path:
+    """``where/memcgscope`` as the tree's pyproject maps it (package-dir):
+    memcgscope.probes -> tree/probes, ...; → the directory to put on sys.path."""
+    meta = tomllib.loads((tree / "pyproject.toml").read_text())
+    dirs = meta["tool"]["setuptools"]["package-dir"]
+    top = where / "memcgscope"
+    top.mkdir(parents=True)
+    (top / "__init__.py").symlink_to(tree / dirs.get("memcgscope", "memcgscope") / "__init__.py")
+    for name, d in dirs.items():
+        if name.count(".") == 1:
+            (top / name.split(".", 1)[1]).symlink_to(tree / d, target_is_directory=True)
+    return where
+
+
+def _ingest_in_child(tree: Path, pkg: Path, recordings: Path, count: int, short: bool) -> dict:
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(tree), str(pkg), str(recordings), str(count),
+                          "1" if short else "0"], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"bench_collector: ingest of {tree} failed (exit {out.returncode}):\n{out.stderr.strip()}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+class BaselineTree:
+    """A temporary worktree of ``ref`` (removed on exit)."""
+
+    def __init__(self, ref: str):
+        self.ref = ref
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-baseline-"))
+        self.path = self.tmp / "tree"
+
+    def __enter__(self) -> Path:
+        r = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(self.path), self.ref],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise SystemExit(f"bench_collector: --baseline-ref {self.ref}: git worktree add failed: "
+                             f"{r.stderr.strip()}; give a commit, branch or tag of {ROOT}")
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(self.path)],
+                       capture_output=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], capture_output=True)
+
+
+def compare(ref: str, count: int, short: bool, rounds: int = 3) -> dict:
+    """{recording: {"before": r, "after": r}}: per recording (this tree's
+    files, for both), ``rounds`` child runs of each tree back to back,
+    alternating which goes first; the best of each (the machine's load
+    only ever slows a run down)."""
+    best: dict = {}
+    with BaselineTree(ref) as base:
+        links = Path(tempfile.mkdtemp(prefix="bench-links-"))
+        try:
+            sides = {"before": (base, _package_links(base, links / "before")),
+                     "after": (ROOT, _package_links(ROOT, links / "after"))}
+            for path in sorted(RECORDINGS.glob("*.jsonl")):
+                one = links / "recordings" / path.stem
+                one.mkdir(parents=True)
+                (one / path.name).symlink_to(path)
+                for i in range(rounds):
+                    for side in (("before", "after") if i % 2 == 0 else ("after", "before")):
+                        tree, pkg = sides[side]
+                        for name, r in _ingest_in_child(tree, pkg, one, count, short).items():
+                            cur = best.setdefault(name, {}).get(side)
+                            if cur is None or r["per_second"] > cur["per_second"]:
+                                best[name][side] = r
+        finally:
+            shutil.rmtree(links, ignore_errors=True)
+    return best
+
+
+def _print_compare(ref: str, best: dict) -> None:
+    print(f"  {'':<22} {'before (' + ref + ')':>18} {'after':>12} {'ratio':>7}")
+    tot = {"before": [0, 0.0], "after": [0, 0.0]}
+    for name, sides in best.items():
+        b, a = sides.get("before"), sides.get("after")
+        for side, r in sides.items():
+            tot[side][0] += r["episodes"]
+            tot[side][1] += r["seconds"]
+        if b is None or a is None:   # a recording one of the trees does not have
+            print(f"  {name:<22} {'-' if b is None else format(b['per_second'], ',.0f'):>18} "
+                  f"{'-' if a is None else format(a['per_second'], ',.0f'):>12}")
+            continue
+        same = "" if (a["checks"], a["divergences"]) == (b["checks"], b["divergences"]) else \
+            f"  (checks/divergences differ: before {b['checks']}/{b['divergences']}, " \
+            f"after {a['checks']}/{a['divergences']})"
+        print(f"  {name:<22} {b['per_second']:>18,.0f} {a['per_second']:>12,.0f} "
+              f"{a['per_second'] / b['per_second']:>6.2f}x  ({a['checks']} checks, {a['divergences']} divergences)"
+              f"{same}")
+    (be, bs), (ae, as_) = tot["before"], tot["after"]
+    if bs and as_:
+        print(f"  {'all':<22} {be / bs:>18,.0f} {ae / as_:>12,.0f} {(ae / as_) / (be / bs):>6.2f}x")
 
 
 def live(seconds_idle: float = 10.0) -> dict:
@@ -191,12 +327,21 @@ def live(seconds_idle: float = 10.0) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--count", type=int, default=100_000, help="episodes per recording")
+    ap.add_argument("--baseline-ref", metavar="REF",
+                    help="also measure the code of git REF, alternately, and print both and the ratio")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="with --baseline-ref: runs of each side per recording, alternating (the best counts)")
     ap.add_argument("--live", action="store_true", help="also start memcgscope run here (root)")
     args = ap.parse_args(argv)
+    if args.count < 1 or args.rounds < 1:
+        ap.error("--count and --rounds must be at least 1")
     for short, what in ((False, "as recorded (each v2 recording holds a memory.max OOM loop of ~450 steps)"),
                         (True, "short episodes only (<= 6 steps: > 95% of what the guests recorded)")):
         print(f"ingest, decode + assembly + label + cross-check + metrics, one core, {args.count} episodes "
               f"per recording, {what}:")
+        if args.baseline_ref:
+            _print_compare(args.baseline_ref, compare(args.baseline_ref, args.count, short, args.rounds))
+            continue
         total_eps = total_s = 0.0
         for name, r in ingest(args.count, short).items():
             total_eps += r["episodes"]

@@ -40,3 +40,29 @@ def test_raw_events_round_trip():
         for key in ("kind", "cgroup_id", "ret", "pid", "comm"):
             assert got[key] == ep[key]
         assert [s["kind"] for s in got["steps"]] == [s["kind"] for s in ep["steps"]]
+
+
+def test_baseline_ref_prints_both_sides_and_the_ratio(capsys):
+    """--baseline-ref against this very commit: a temporary worktree, both
+    trees measured in children, the table printed, the worktree gone."""
+    import subprocess
+
+    def worktrees():
+        return subprocess.run(["git", "-C", str(bench_collector.ROOT), "worktree", "list", "--porcelain"],
+                              capture_output=True, text=True, check=True).stdout.count("worktree ")
+
+    before = worktrees()
+    assert bench_collector.main(["--count", "20", "--baseline-ref", "HEAD", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("before (HEAD)") == 2
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("debian-")]
+    assert len(rows) == 2 * len(list(bench_collector.RECORDINGS.glob("*.jsonl")))
+    for row in rows:
+        b, a, ratio = float(row[1].replace(",", "")), float(row[2].replace(",", "")), float(row[3].rstrip("x"))
+        assert b > 0 and a > 0 and abs(ratio - a / b) < 0.01 and "differ" not in " ".join(row)
+    assert worktrees() == before
+
+
+def test_baseline_ref_names_a_bad_ref():
+    with pytest.raises(SystemExit, match="--baseline-ref no-such-ref-xyz: git worktree add failed"):
+        bench_collector.main(["--count", "5", "--baseline-ref", "no-such-ref-xyz"])
