@@ -71,9 +71,22 @@ def _raw(type_, ep, ts, **fields) -> bytes:
     return bytes(r)
 
 
+def _oom_key(s: dict):
+    return (s["cgroup_id"], s["gfp"], s["order"], s["result"], tuple(sorted((s.get("after") or {}).items())))
+
+
 def to_raw_events(ep: dict) -> list[bytes]:
-    """The events the BPF side would have sent for this episode."""
+    """The events the BPF side would have sent for this episode: an OOM step
+    identical to the one before it is counted, and the count goes out as one
+    EV_REPEAT before the next event (probes/memcgscope.bpf.c on_oom_exit)."""
     out, ts = [], ep["ts_ns"]
+    run_key, repeats = None, 0
+
+    def flush():
+        nonlocal repeats
+        if repeats:
+            out.append(_raw(EV.REPEAT, ep, ts, cgid=run_key[0], arg0=repeats))
+            repeats = 0
     if ep["kind"] == "charge":
         out.append(_raw(EV.CHARGE_ENTER, ep, ts, cgid=ep["cgroup_id"], arg0=ep["gfp"], arg1=ep["nr_pages"],
                         counters=ep.get("entry")))
@@ -87,6 +100,16 @@ def to_raw_events(ep: dict) -> list[bytes]:
     for s in ep["steps"]:
         ts += 1
         k = s["kind"]
+        if k == "oom":
+            key = _oom_key(s)
+            if key == run_key:
+                repeats += 1
+                continue
+            flush()
+            run_key = key
+        else:
+            flush()
+            run_key = None
         if k == "counter_fail":
             out.append(_raw(EV.COUNTER_FAIL, ep, ts, cgid=s["cgroup_id"], arg0=int(s["counter"] == "memsw"),
                             arg1=s["nr_pages"], counters=s.get("at")))
@@ -102,6 +125,7 @@ def to_raw_events(ep: dict) -> list[bytes]:
         elif k == "oom_kill":
             out.append(_raw(EV.OOM_KILL, ep, ts, cgid=s["cgroup_id"], arg0=s["victim_pid"]))
     ts += 1
+    flush()
     if ep["kind"] == "charge":
         out.append(_raw(EV.CHARGE_EXIT, ep, ts, cgid=ep["cgroup_id"], arg0=ep["gfp"], arg1=ep["nr_pages"],
                         ret=ep["ret"], counters=ep.get("exit"), duration_ns=ep.get("duration_ns") or 0))

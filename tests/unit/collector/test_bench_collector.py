@@ -66,3 +66,26 @@ def test_baseline_ref_prints_both_sides_and_the_ratio(capsys):
 def test_baseline_ref_names_a_bad_ref():
     with pytest.raises(SystemExit, match="--baseline-ref no-such-ref-xyz: git worktree add failed"):
         bench_collector.main(["--count", "5", "--baseline-ref", "no-such-ref-xyz"])
+
+
+def test_raw_events_encode_the_oom_loop_as_the_kernel_does():
+    """The bench sends a recording's OOM loop as the BPF side does (identical
+    passes as one EV_REPEAT); assembled back, every step is there, results
+    and counters included."""
+    from memcgscope.probes.episodes import EV
+    repeats = 0
+    for path in sorted(bench_collector.RECORDINGS.glob("*-v2-*.jsonl")):
+        lines = path.read_text().splitlines()
+        memsw = json.loads(lines[0])["memsw"]
+        for line in lines[1:]:
+            ep = json.loads(line)
+            if ep.get("type") != "episode" or ep["kind"] not in ("charge", "limit_write"):
+                continue
+            raws = bench_collector.to_raw_events(ep)
+            repeats += sum(decode_bytes(r).type == EV.REPEAT for r in raws)
+            asm = EpisodeAssembler(memsw=memsw)
+            (got,) = [x for raw in raws for x in asm.feed(decode_bytes(raw))]
+            want = [(s["kind"], s.get("result"), s.get("after")) for s in ep["steps"]]
+            assert [(s["kind"], s.get("result"), s.get("after")) for s in got.to_json()["steps"]] == want
+            assert len(raws) <= len(ep["steps"]) + 2
+    assert repeats >= 4, repeats     # every v2 recording has a memory.max OOM loop
