@@ -15,7 +15,12 @@
    recording (the same files), alternately, --rounds times; each side runs
    its own tree's ingest() (so each its own decode and assembly path), the
    best round of each is printed with the ratio.
-2. --live (root): `memcgscope run` on this host: time from start to the
+2. Ring-buffer bytes per episode (no root), for every guest x mode
+   recording of the kernel matrix (tests/unit/data/recordings/matrix): one
+   record (struct event_t and the ring's 8-byte header) per entry, step
+   and exit, against the same with the OOM loop run-length encoded
+   (EV_REPEAT), as the BPF side sends it now.
+3. --live (root): `memcgscope run` on this host: time from start to the
    first successful scrape, resident memory after start, CPU at idle over
    10 s.
 """
@@ -45,7 +50,7 @@ from memcgscope.collector.pipeline import CheckPipeline
 from memcgscope.collector.replay_cmd import profile_of
 from memcgscope.collector.watch import WatchList
 from memcgscope.probes.assembly import EpisodeAssembler
-from memcgscope.probes.episodes import EV, RawEvent, decode_fields, load_recording
+from memcgscope.probes.episodes import EV, EVENT_SIZE, RawEvent, decode_fields, load_recording
 from memcgscope.probes.session import Aggregates
 
 RECORDINGS = Path(__file__).resolve().parents[1] / "unit" / "data" / "recordings"
@@ -316,6 +321,29 @@ def _print_compare(ref: str, best: dict) -> None:
         print(f"  {'all':<22} {be / bs:>18,.0f} {ae / as_:>12,.0f} {(ae / as_) / (be / bs):>6.2f}x")
 
 
+#: a BPF ring buffer record: the event and the ring's header (BPF_RINGBUF_HDR_SZ)
+RING_RECORD = EVENT_SIZE + 8
+
+
+def ring_bytes() -> dict:
+    """recording -> (episodes, bytes per episode one record per step,
+    bytes per episode with the OOM loop run-length encoded)."""
+    out = {}
+    for path in sorted((RECORDINGS / "matrix").glob("*.jsonl")):
+        eps = [e for _, e in load_recording(str(path)).episodes]
+        plain = encoded = 0
+        for e in eps:
+            if e["kind"] in ("charge", "limit_write"):
+                plain += 2 + len(e["steps"])
+                encoded += len(to_raw_events(e))
+            else:   # over_high: entry and exit; the rest stand alone
+                n = 2 if e["kind"] == "over_high" else 1
+                plain += n
+                encoded += n
+        out[path.stem] = (len(eps), plain * RING_RECORD / len(eps), encoded * RING_RECORD / len(eps))
+    return out
+
+
 def live(seconds_idle: float = 10.0) -> dict:
     import psutil
     exe = os.path.join(os.path.dirname(sys.executable), "memcgscope")
@@ -373,6 +401,15 @@ def main(argv=None) -> int:
             print(f"  {name:<22} {r['per_second']:>10,.0f} episodes/s  ({r['checks']} checks, "
                   f"{r['divergences']} divergences)")
         print(f"  {'all':<22} {total_eps / total_s:>10,.0f} episodes/s")
+    print(f"ring-buffer bytes per episode ({RING_RECORD} per record), the kernel matrix's recordings:")
+    print(f"  {'recording':<28} {'episodes':>8} {'one per step':>13} {'OOM loop RLE':>13}")
+    tot = [0, 0.0, 0.0]
+    for name, (n, plain, encoded) in ring_bytes().items():
+        print(f"  {name:<28} {n:>8} {plain:>13.0f} {encoded:>13.0f}")
+        tot[0] += n
+        tot[1] += plain * n
+        tot[2] += encoded * n
+    print(f"  {'all':<28} {tot[0]:>8} {tot[1] / tot[0]:>13.0f} {tot[2] / tot[0]:>13.0f}")
     if args.live:
         r = live()
         print(f"live: first scrape {r['first_scrape_s']:.2f} s after start, RSS {r['rss_mib']:.0f} MiB, "

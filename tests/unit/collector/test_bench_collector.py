@@ -89,3 +89,11 @@ def test_raw_events_encode_the_oom_loop_as_the_kernel_does():
             assert [(s["kind"], s.get("result"), s.get("after")) for s in got.to_json()["steps"]] == want
             assert len(raws) <= len(ep["steps"]) + 2
     assert repeats >= 4, repeats     # every v2 recording has a memory.max OOM loop
+
+
+def test_ring_bytes_per_episode():
+    r = bench_collector.ring_bytes()
+    assert len(r) == 14, sorted(r)
+    for name, (n, plain, encoded) in r.items():
+        assert n > 0 and encoded <= plain and plain >= bench_collector.RING_RECORD, name
+    assert any(encoded < plain / 2 for _, plain, encoded in r.values())   # the v2 OOM loops
