@@ -279,9 +279,9 @@ static __always_inline void reclaim_hist_add(u64 cgid, u32 caller, u64 ns) {
         map_full_add(MAPIDX_RECLAIM_LAT);
 }
 
-static __always_inline struct event_t *new_event(u32 type) {
-    u32 zero = 0;
-    struct event_t *e = scratch.lookup(&zero);
+// An event of this task in scratch slot `slot`, its header filled.
+static __always_inline struct event_t *event_in(u32 slot, u32 type) {
+    struct event_t *e = scratch.lookup(&slot);
     if (!e)
         return 0;
     __builtin_memset(e, 0, sizeof(*e));
@@ -293,6 +293,10 @@ static __always_inline struct event_t *new_event(u32 type) {
     e->ts = bpf_ktime_get_ns();
     bpf_get_current_comm(&e->comm, sizeof(e->comm));
     return e;
+}
+
+static __always_inline struct event_t *new_event(u32 type) {
+    return event_in(0, type);
 }
 
 static __always_inline void submit(void *ctx, struct event_t *e) {
@@ -313,17 +317,8 @@ static __always_inline void submit(void *ctx, struct event_t *e) {
 static __always_inline void repeat_flush(void *ctx, struct task_ctx *c) {
     if (!c->rep_n)
         return;
-    u32 one = 1;
-    struct event_t *r = scratch.lookup(&one);
+    struct event_t *r = event_in(1, EV_REPEAT);   // slot 1: the event in slot 0 is being built
     if (r) {
-        __builtin_memset(r, 0, sizeof(*r));
-        u64 id = bpf_get_current_pid_tgid();
-        r->type = EV_REPEAT;
-        r->cpu = bpf_get_smp_processor_id();
-        r->pid = id >> 32;
-        r->tid = (u32)id;
-        r->ts = bpf_ktime_get_ns();
-        bpf_get_current_comm(&r->comm, sizeof(r->comm));
         r->episode = c->rep_episode;
         r->cgid = c->rep_cgid;
         r->arg0 = c->rep_n;

@@ -25,14 +25,19 @@ def test_ingest_runs_and_checks_everything():
         assert r["episodes"] >= 50 and r["checks"] >= r["episodes"] and r["divergences"] == 0, name
 
 
-def test_raw_events_round_trip():
-    path = next(iter(sorted(bench_collector.RECORDINGS.glob("*.jsonl"))))
+def _entered_episodes(path):
+    """(memsw, episode) of a recording's charges and limit writes."""
     lines = path.read_text().splitlines()
     memsw = json.loads(lines[0])["memsw"]
     for line in lines[1:]:
         ep = json.loads(line)
-        if ep.get("type") != "episode" or ep["kind"] not in ("charge", "limit_write"):
-            continue
+        if ep.get("type") == "episode" and ep["kind"] in ("charge", "limit_write"):
+            yield memsw, ep
+
+
+def test_raw_events_round_trip():
+    path = next(iter(sorted(bench_collector.RECORDINGS.glob("*.jsonl"))))
+    for memsw, ep in _entered_episodes(path):
         asm = EpisodeAssembler(memsw=memsw)
         out = [x for raw in bench_collector.to_raw_events(ep) for x in asm.feed(decode_bytes(raw))]
         assert len(out) == 1
@@ -55,7 +60,8 @@ def test_baseline_ref_prints_both_sides_and_the_ratio(capsys):
     assert bench_collector.main(["--count", "20", "--baseline-ref", "HEAD", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert out.count("before (HEAD)") == 2
-    rows = [line.split() for line in out.splitlines() if line.strip().startswith("debian-")]
+    ingest_tables = out.split("ring-buffer bytes per episode")[0]
+    rows = [line.split() for line in ingest_tables.splitlines() if line.strip().startswith("debian-")]
     assert len(rows) == 2 * len(list(bench_collector.RECORDINGS.glob("*.jsonl")))
     for row in rows:
         b, a, ratio = float(row[1].replace(",", "")), float(row[2].replace(",", "")), float(row[3].rstrip("x"))
@@ -75,12 +81,7 @@ def test_raw_events_encode_the_oom_loop_as_the_kernel_does():
     from memcgscope.probes.episodes import EV
     repeats = 0
     for path in sorted(bench_collector.RECORDINGS.glob("*-v2-*.jsonl")):
-        lines = path.read_text().splitlines()
-        memsw = json.loads(lines[0])["memsw"]
-        for line in lines[1:]:
-            ep = json.loads(line)
-            if ep.get("type") != "episode" or ep["kind"] not in ("charge", "limit_write"):
-                continue
+        for memsw, ep in _entered_episodes(path):
             raws = bench_collector.to_raw_events(ep)
             repeats += sum(decode_bytes(r).type == EV.REPEAT for r in raws)
             asm = EpisodeAssembler(memsw=memsw)
