@@ -152,7 +152,8 @@ def superseded(s, episodes) -> dict:
     setting 64M. Kernels with "mm: memcg: stop reclaim when a limit update
     is superseded" (6.1.188, 6.12.109, 6.18.50, 7.2.4, 7.3) stop the 16M
     write's reclaim loop once the limit changed under it, and the holder
-    lives. Older ones go on: if their OOM comes before the other write it
+    lives (an OOM pass may come first when the other write lands just
+    before it: it finds margin and kills nothing). Older ones go on: if their OOM comes before the other write it
     kills the holder; after it, mem_cgroup_out_of_memory finds margin under
     the new limit and returns true without a kill, pass after pass (the
     livelock the break fixes), until a signal ends the write: the workload

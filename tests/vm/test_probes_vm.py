@@ -144,7 +144,14 @@ def test_superseded_limit_write(suite, mode):
     ooms = [s for s in writes[0]["steps"] if s["kind"] == "oom"]
     steps = writes[0]["steps"]
     # the loop ends by itself once the limit is no longer 16M
-    assert w["holder_alive"] and not ooms and not w["writer_signalled"], (w, steps[:20])
+    assert w["holder_alive"] and not w["writer_signalled"], (w, steps[:20])
+    # An OOM pass may still come first: the other write landed after the
+    # last reclaim, so mem_cgroup_out_of_memory found margin under 64M and
+    # returned true without a kill, and the break ended the loop on the next
+    # pass (seen on 6.1.0-57, fentry: drain, 16 reclaims, one oom). Without
+    # the break that same pass is where the livelock starts.
+    assert all(s["result"] for s in ooms) and int(w["events"]["oom_kill"]) == 0, (w, steps[-5:])
+    assert len(ooms) == int(w["events"]["oom"]), (w, len(ooms))   # probes and memory.events agree
     # the counters at exit come with the write's memcg, learned from its first
     # reclaim step; a break right after the drain has none (max_after says it)
     if writes[0].get("exit") is not None:
