@@ -39,3 +39,15 @@ def test_one_empty_program_per_kind_and_target():
             assert (k, t) == (kind, target), name
     assert "isra" not in "".join(n for n, (k, _) in names.items() if k == "fentry")
     assert ("kretprobe", "__mem_cgroup_charge") in names.values()
+
+
+def test_the_vm_bench_measures_both_trees_in_one_boot():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "vm"))
+    import bench_probes_vm
+    one = bench_probes_vm.guest_command("--modes kprobe --rounds 1 --iters 2")
+    assert one.count("bench_probes.py") == 1 and "PYTHONPATH" not in one
+    both = bench_probes_vm.guest_command("--modes kprobe --rounds 1 --iters 2", "/repo/.b/pkg", "87adc53")
+    assert both.count("bench_probes.py --modes kprobe --rounds 1 --iters 2") == 2
+    assert "PYTHONPATH=/repo/.b/pkg" in both and "=== 87adc53 ===" in both
+    with pytest.raises(SystemExit):
+        bench_probes_vm.main(["--guests", "no-such-guest"])
