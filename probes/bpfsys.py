@@ -24,7 +24,7 @@ import os
 import platform
 import struct
 
-__all__ = ["try_fentry", "FentryResult", "prog_test_run", "bpf_stats_enabled", "BPF_STATS", "bpf",
+__all__ = ["try_fentry", "FentryResult", "prog_test_run", "prog_run_stats", "bpf_stats_enabled", "BPF_STATS", "bpf",
            "MapInfo", "map_info", "map_lookup", "map_delete", "map_get_next_key", "map_lookup_batch",
            "map_delete_batch", "raw_tracepoint_open", "perf_event_open", "perf_event_attach_bpf",
            "possible_cpus", "BatchUnsupported"]
@@ -368,6 +368,15 @@ def _classify(err: int, doing: str, log: str) -> FentryResult:
 
 
 @contextlib.contextmanager
+def prog_run_stats(fd: int) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) of a program fd of this process, from its
+    /proc/self/fdinfo (zero unless kernel.bpf_stats_enabled is 1); OSError
+    when the fd is not open."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        info = dict(line.split(":", 1) for line in f if ":" in line)
+    return int(info.get("run_time_ns", "0").strip() or 0), int(info.get("run_cnt", "0").strip() or 0)
+
+
 def bpf_stats_enabled(path: str = BPF_STATS):
     """kernel.bpf_stats_enabled on for the duration (the kernel then keeps
     each program's run time and run count), the old value restored after;

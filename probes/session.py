@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from . import attach as _attach
 from . import loader as _loader
 from .assembly import EpisodeAssembler
+from .bpfsys import prog_run_stats
 from .detect import tracefs_mounted
 from .episodes import CALLERS, EV, EVENT_SIZE, LIMIT_KINDS, Event, Visibility, decode_fields, visibility
 from .maps import BpfMap, Layout, MapError
@@ -451,12 +452,9 @@ class Session:
                 return out
             for name, (fd, _kind, _target) in list(self._progs.items()):
                 try:
-                    with open(f"/proc/self/fdinfo/{fd}") as f:
-                        info = dict(line.split(":", 1) for line in f if ":" in line)
+                    out[name] = prog_run_stats(fd)
                 except OSError:
                     continue
-                out[name] = (int(info.get("run_time_ns", "0").strip() or 0),
-                             int(info.get("run_cnt", "0").strip() or 0))
         return out
 
     def forget_cgroup(self, cgid: int) -> int:

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from memcgscope.collector.scratch import ScratchCgroup  # noqa: E402
 from memcgscope.probes.detect import detect  # noqa: E402
-from memcgscope.probes.bpfsys import bpf_stats_enabled  # noqa: E402
+from memcgscope.probes.bpfsys import bpf_stats_enabled, prog_run_stats  # noqa: E402
 from memcgscope.probes.session import Session  # noqa: E402
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "faultloop.c")
@@ -137,18 +137,11 @@ class EmptyPrograms:
                     _attach.detach(a)
 
     def stats(self) -> dict:
-        return {self.names[n]: _fd_stats(fd) for n, fd in self.fds.items()}
+        return {self.names[n]: prog_run_stats(fd) for n, fd in self.fds.items()}
 
     def close(self):
         if self._bpf is not None:
             self._bpf.cleanup()
-
-
-def _fd_stats(fd: int) -> tuple[int, int]:
-    """(run_time_ns, run_cnt) of a program fd of this process."""
-    with open(f"/proc/self/fdinfo/{fd}") as f:
-        info = dict(line.split(":", 1) for line in f if ":" in line)
-    return int(info.get("run_time_ns", "0").strip() or 0), int(info.get("run_cnt", "0").strip() or 0)
 
 
 def _delta(after: dict, before: dict) -> dict:
