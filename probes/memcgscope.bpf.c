@@ -418,6 +418,16 @@ static __always_inline struct fast_ctx *fast_slot(void) {
     return fast.lookup(&zero);
 }
 
+// The charge core call that just returned, left on this CPU for the page
+// charge's exit, which follows without a sleep between (charge_memcg
+// returns try_charge's result; on_page_charge_exit takes it once).
+static __always_inline void note_last_charge(struct fast_ctx *f, u32 tid, u64 memcg, u64 nr, u32 gfp) {
+    f->last_tid = tid;
+    f->last_memcg = memcg;
+    f->last_nr = nr;
+    f->last_gfp = gfp;
+}
+
 // per-CPU values: plain increments. `weight`: how many charges this
 // duration stands for (LAT_SAMPLE for a sampled fast charge, 1 for a slow
 // one, 0 for a charge not timed)
@@ -551,10 +561,7 @@ static __always_inline void on_charge_exit(void *ctx, s64 ret) {
             // the fast path: a stock hit or a counter charge that fit
             u64 ns = f->start ? bpf_ktime_get_ns() - f->start : 0;
             charge_account(0, f->memcg, f->nr, ns, 0, 0, f->start ? LAT_SAMPLE : 0);
-            f->last_tid = tid;
-            f->last_memcg = f->memcg;
-            f->last_nr = f->nr;
-            f->last_gfp = f->gfp;
+            note_last_charge(f, tid, f->memcg, f->nr, f->gfp);
             f->depth = 0;
             f->tid = 0;
             return;
@@ -583,14 +590,8 @@ static __always_inline void on_charge_exit(void *ctx, s64 ret) {
     }
     charge_account(0, c->charge_memcg, c->charge_nr, ns, ret, c->charge_emitted, 1);
     struct fast_ctx *lf = fast_slot();
-    if (lf) {
-        // for the page charge's exit, which follows on this CPU without a
-        // sleep between (charge_memcg returns try_charge's result)
-        lf->last_tid = tid;
-        lf->last_memcg = c->charge_memcg;
-        lf->last_nr = c->charge_nr;
-        lf->last_gfp = c->charge_gfp;
-    }
+    if (lf)
+        note_last_charge(lf, tid, c->charge_memcg, c->charge_nr, c->charge_gfp);
     if (c->charge_emitted) {
         struct event_t *e = new_event(EV_CHARGE_EXIT);
         if (e) {
