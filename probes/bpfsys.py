@@ -367,7 +367,6 @@ def _classify(err: int, doing: str, log: str) -> FentryResult:
     return FentryResult("error", f"{name} {doing}: {os.strerror(err)}", err)
 
 
-@contextlib.contextmanager
 def prog_run_stats(fd: int) -> tuple[int, int]:
     """(run_time_ns, run_cnt) of a program fd of this process, from its
     /proc/self/fdinfo (zero unless kernel.bpf_stats_enabled is 1); OSError
@@ -377,6 +376,7 @@ def prog_run_stats(fd: int) -> tuple[int, int]:
     return int(info.get("run_time_ns", "0").strip() or 0), int(info.get("run_cnt", "0").strip() or 0)
 
 
+@contextlib.contextmanager
 def bpf_stats_enabled(path: str = BPF_STATS):
     """kernel.bpf_stats_enabled on for the duration (the kernel then keeps
     each program's run time and run count), the old value restored after;

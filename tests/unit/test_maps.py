@@ -170,3 +170,16 @@ def test_possible_cpus_counts_up_to_the_highest_possible_one(tmp_path):
     for text, n in (("0\n", 1), ("0-3\n", 4), ("0-3,8-9\n", 10), ("0,2\n", 3)):
         (tmp_path / "possible").write_text(text)
         assert bpfsys.possible_cpus(str(tmp_path / "possible")) == n
+
+
+def test_bpf_stats_enabled_is_a_context_manager_that_restores(tmp_path):
+    """kernel.bpf_stats_enabled on for a block, the old value back after (a
+    decorator moved onto the wrong function once broke `memcgscope run`)."""
+    from memcgscope.probes.bpfsys import bpf_stats_enabled, prog_run_stats
+    f = tmp_path / "bpf_stats_enabled"
+    f.write_text("0\n")
+    with bpf_stats_enabled(str(f)) as on:
+        assert on and f.read_text().strip() == "1"
+    assert f.read_text().strip() == "0"
+    with pytest.raises(OSError):
+        prog_run_stats(10 ** 6)      # not an open fd
