@@ -69,9 +69,11 @@ def _write(k, m, fname, text):
         raise RuntimeError(f"scratch kernel: writing {text!r} to {m.path}/{fname} gave {ret}")
 
 
-def replay_charge(cc, gfp, nr, ret, shape):
+def replay_charge(cc, gfp, nr, ret, shape, exit_fits=None):
     """→ (verdict, reason, detail, events, forced).  ``cc``: the CrossChecker
-    (profile, cgroup, memsw, drains_visible).  Exceptions other than a
+    (profile, cgroup, memsw, drains_visible); ``exit_fits``: the charged
+    memcg's usage within its max at the charge's exit (None: not asked or
+    not recorded; see ``Replay.usage``).  Exceptions other than a
     mismatch propagate: they are bugs, and the caller reports them."""
     p = cc.profile
     # structural rules first: they hold whatever the interleaving
@@ -96,7 +98,8 @@ def replay_charge(cc, gfp, nr, ret, shape):
             for m in cgroups.values():
                 _write(k, m, "memory.oom_control", "1")
         r = Replay(p, "charge", shape, ret, cgroups, gfp=gfp, nr=nr,
-                   drains_visible=cc.drains_visible, high_tail=high_tail, pf_memalloc=pf)
+                   drains_visible=cc.drains_visible, high_tail=high_tail, pf_memalloc=pf,
+                   exit_fits=exit_fits)
         try:
             out = k.charge(leaf, nr, gfp, 0, r.reclaim, task=task, oom=r.oom, drain=r.drain,
                            moving=r.moving if v.get("moving") else None, attempt=r.attempt,
@@ -117,11 +120,11 @@ def replay_charge(cc, gfp, nr, ret, shape):
     return ("divergent", first.reason, first.detail, (), False)
 
 
-def charge_outcome(cc, gfp, nr, ret, shape):
+def charge_outcome(cc, gfp, nr, ret, shape, exit_fits=None):
     """The cached outcome of a charge shape: the replay's verdict and the
     counts the aggregates need, relative to the charged memcg.
     → (verdict, reason, detail, events, forced, failures, kills)."""
-    verdict, reason, detail, events, forced = replay_charge(cc, gfp, nr, ret, shape)
+    verdict, reason, detail, events, forced = replay_charge(cc, gfp, nr, ret, shape, exit_fits)
     return with_counts(shape, verdict, reason, detail, events, forced,
                        rejected_max=ret == -errno.ENOMEM and cc.profile.rejected_charge_raises_max)
 

@@ -16,7 +16,7 @@ from memcgscope.model import get_profile
 
 from .cache import ShapeCache
 from .charge import charge_outcome, with_counts
-from .episode import ancestry_fn, as_ints, problem_of, shape_of
+from .episode import ancestry_fn, as_ints, exit_fits, problem_of, shape_of
 from .limits import BIG, V1_FILES, V2_FILES, replay_v1_limit, replay_v2_limit
 from .reasons import CHECK_OF_KIND, BadInput, CheckResult, Divergence
 from .standalone import check_oom_kill, check_over_high, check_over_max, check_page_charge, check_reclaim
@@ -156,13 +156,17 @@ class CrossChecker:
         shape, ids = shape_of(steps, cid, self.memsw)
         if self.ancestors is not None and not self._check_ancestry(ep, ids, res, "charge"):
             return
-        key = ("charge", gfp, nr, ret, shape)
+        # a success right after a reclaim that left no room: the margin read
+        # may have seen an uncharge, unless the charge ended over its max
+        fits = (exit_fits(ep, self.memsw)
+                if ret == 0 and shape and shape[-1][0] == "R" and shape[-1][6] is False else None)
+        key = ("charge", gfp, nr, ret, shape, fits)
         out = self._hot(key)
         if out is None and (out := self._cache.get(key)) is None:
             self._valid_or_raise(ep)     # a cached key comes from a valid episode
             self.replays += 1
             try:
-                out = charge_outcome(self, int(gfp), int(nr), int(ret), as_ints(shape))
+                out = charge_outcome(self, int(gfp), int(nr), int(ret), as_ints(shape), fits)
             except Exception as e:
                 out = with_counts(shape, "divergent", "replay_error", _error(e), (), False)
             self._cache.put(key, out)

@@ -33,7 +33,7 @@ from collections.abc import Mapping
 
 from .reasons import BadInput
 
-__all__ = ["END", "MAY_SWAP", "shape_of", "as_ints", "problem_of", "counters_problem",
+__all__ = ["END", "MAY_SWAP", "shape_of", "as_ints", "problem_of", "counters_problem", "exit_fits",
            "ancestry_fn", "kind_of"]
 
 END = ("E",)            # the cursor past the last step
@@ -271,6 +271,22 @@ def problem_of(ep, cgroup: str, memsw: bool = False) -> str | None:
 def counters_problem(ep, key, memsw: bool) -> str | None:
     """The problem with ``ep[key]`` as counters (a charge's entry or exit)."""
     return _Fields(ep).counters(key, _USAGE_MAX, memsw)
+
+
+def exit_fits(ep, memsw: bool):
+    """Whether a charge's memcg ended within its limits (``exit`` usage <=
+    max, and memsw where recorded): a forced charge into a full counter
+    leaves it over.  None where the exit was not recorded."""
+    ex = ep.get("exit")
+    if not ex:
+        return None
+    try:
+        fits = ex["usage"] <= ex["max"]
+        if memsw and "memsw_max" in ex:
+            fits = fits and ex["memsw_usage"] <= ex["memsw_max"]
+        return bool(fits)
+    except (AttributeError, KeyError, TypeError):
+        raise BadInput(counters_problem(ep, "exit", memsw) or "exit: expected counters") from None
 
 
 # -- ancestry --------------------------------------------------------------------------

@@ -32,7 +32,7 @@ class Replay:
 
     def __init__(self, profile, mode, steps, ret, cgroups, *, gfp=0, nr=0,
                  drains_visible=False, high_tail=False, limit_max=0, pf_memalloc=False,
-                 exit_max=None):
+                 exit_max=None, exit_fits=None):
         self.profile, self.mode, self.steps, self.ret = profile, mode, steps, ret
         self.cgroups = cgroups
         self.i = 0
@@ -41,6 +41,7 @@ class Replay:
         self.high_tail = high_tail          # a trailing high reclaim may follow success
         self.limit_max = limit_max
         self.exit_max = exit_max            # a v2 write's memory.max at its return, if recorded
+        self.exit_fits = exit_fits          # a charge's memcg within its max at exit, if recorded
         self.pf_memalloc = pf_memalloc      # the variant's task flag (no high reclaim with it)
         self.last = None                    # the last step consumed
         self.retries = MAX_RECLAIM_RETRIES  # the model's nr_retries, for `moving`
@@ -107,11 +108,21 @@ class Replay:
 
     def usage(self, memcg, counter, where):
         """The reads other CPUs can change: the margin after a charge's
-        reclaim is what its observed ``after`` says; the usage of a v2 limit
+        reclaim is what its observed ``after`` says, or room where the
+        kernel went on to charge with no other step; the usage of a v2 limit
         loop is over the limit while the kernel went on and within it where
         it stopped; set_max fits where the kernel stopped (unless -EBUSY)."""
         if where == "charge_margin":
-            return 0 if self.last[6] else _FULL
+            if self.last[6]:
+                return 0
+            # the read comes after the reclaim's exit probe: an uncharge on
+            # another CPU (an OOM victim exiting) can land in between.  A
+            # kernel that then charged with no other step saw the room
+            # (seen on 6.18.15: 17 passes after an OOM, then 0, not -ENOMEM).
+            # Not where the charged memcg ended over its max: that charge
+            # was forced (``exit_fits`` False; None: exit not recorded)
+            return (0 if self.at_end() and self.ret == 0 and self.exit_fits is not False
+                    else _FULL)
         if where == "oom_margin":
             # behind the probe: the observed OOM result says what it decided
             return _FULL

@@ -224,6 +224,35 @@ def test_too_many_passes_without_progress():
     assert reasons(v2().check(bad2)) == ["retry_budget"]
 
 
+def test_margin_race_after_the_last_reclaim():
+    """6.18.15 guest (CI, node step): 17 passes after the OOM, the last
+    reclaim's ``after`` full, then the charge returned 0 with no other step.
+    The victim's uncharge landed between the reclaim's exit probe and
+    mem_cgroup_margin(): the kernel saw room and retried, so the replay
+    answers the margin read with room there and only there."""
+    good = full_oom_charge(v1=False)
+    won = copy.deepcopy(good)
+    won["ret"] = 0
+    for profile in ("6.1", "6.18"):
+        assert v2(profile).check(won).ok
+        assert v2(profile).check(good).ok
+    # not where the charged memcg ended over its max: that charge was forced
+    over = copy.deepcopy(won)
+    over["exit"]["usage"] = MAX + 1
+    assert reasons(v2("6.18").check(over)) == ["ret_mismatch"]
+    # room is only where the kernel stopped: a further pass still breaks the
+    # budget, and so does an OOM the model would not have reached yet
+    more = copy.deepcopy(won)
+    more["steps"] += passes(1, v1=False)
+    assert reasons(v2("6.18").check(more)) == ["retry_budget"]
+    # a full margin the kernel went on from is still no room: with one pass
+    # fewer before the OOM the model wants another reclaim
+    i = next(j for j, s in enumerate(good["steps"]) if s["kind"] == "oom_kill")
+    short = copy.deepcopy(won)
+    del short["steps"][i - 2:i]
+    assert reasons(v2("6.18").check(short)) == ["oom_early"]
+
+
 def test_v1_charge_move_wait_admits_extra_passes_until_6_18():
     """v1 memory.move_charge_at_immigrate: a charge move in progress makes
     the loop retry without using a retry (mem_cgroup_wait_acct_move, gone
@@ -323,11 +352,12 @@ def test_5_10_nofail_forces_before_oom():
     for st in s:
         if st["kind"] == "reclaim":
             st["options"] = 1           # 5.10: bool may_swap
-    assert CrossChecker("5.10.100", "v1", True).check(charge(s, gfp=nofail)).ok
+    # forced into a full counter: usage ends one page over max
+    assert CrossChecker("5.10.100", "v1", True).check(charge(s, gfp=nofail, exit_usage=MAX + 1)).ok
     # on 6.1 NOFAIL goes through the OOM first (on v2: no oom_kill_disable to skip it)
     s61 = [cf(64), cf(1), rc(gfp=nofail), dr()] + passes(17, gfp=nofail)
-    assert reasons(v2().check(_as_v2(charge(s61, gfp=nofail)))) == ["missing_oom"]
-    assert v1().check(charge(s61, gfp=nofail)).ok
+    assert reasons(v2().check(_as_v2(charge(s61, gfp=nofail, exit_usage=MAX + 1)))) == ["missing_oom"]
+    assert v1().check(charge(s61, gfp=nofail, exit_usage=MAX + 1)).ok
 
 
 def test_incomplete_and_malformed():
