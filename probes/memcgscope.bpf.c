@@ -317,8 +317,17 @@ static __always_inline void submit(void *ctx, struct event_t *e) {
 static __always_inline void repeat_flush(void *ctx, struct task_ctx *c) {
     if (!c->rep_n)
         return;
-    struct event_t *r = event_in(1, EV_REPEAT);   // slot 1: the event in slot 0 is being built
+    // slot 1 (slot 0 holds the event being built) only ever holds an
+    // EV_REPEAT and these are its only fields: the rest stay zero, so there
+    // is no clearing or comm to pay at each of emit()'s inlined copies
+    u32 one = 1;
+    struct event_t *r = scratch.lookup(&one);
     if (r) {
+        u64 id = bpf_get_current_pid_tgid();
+        r->type = EV_REPEAT;
+        r->pid = id >> 32;
+        r->tid = (u32)id;
+        r->ts = bpf_ktime_get_ns();
         r->episode = c->rep_episode;
         r->cgid = c->rep_cgid;
         r->arg0 = c->rep_n;
@@ -329,16 +338,27 @@ static __always_inline void repeat_flush(void *ctx, struct task_ctx *c) {
     c->rep_ns = 0;
 }
 
-// Sends an event; an episode's event first sends the repeats its task
-// still holds, and ends their run.
+// Sends an event that no OOM step of its own episode can precede: an
+// episode's start (charge_mark_slow with its pending failures, a limit
+// write's or memory.high's entry), memory.high's exit (its episode never
+// OOMs), a drain (once per loop, before its first OOM: try_charge_memcg and
+// memory_max_write drain on the first pass without room; the v1 resize
+// loop never OOMs), a page charge's failure (after its charge's exit) and
+// the tracepoint reclaim (tracepoint mode has no OOM steps).  The
+// assembler finds an EV_REPEAT's episode by its id, so other episodes'
+// events may come between an OOM step and its repeats.
 static __always_inline void emit(void *ctx, struct event_t *e) {
-    if (e->episode) {
-        u32 tid = e->tid;
-        struct task_ctx *c = tasks.lookup(&tid);
-        if (c && c->rep_episode) {
-            repeat_flush(ctx, c);
-            c->rep_episode = 0;
-        }
+    submit(ctx, e);
+}
+
+// Sends an event that may follow an OOM step of its episode (a retry's
+// counter failure or reclaim, the next OOM's kill or a different OOM step,
+// the episode's exit): the repeats its task still holds go first, and
+// their run ends.  Only these few sites carry the flush (each is inlined).
+static __always_inline void emit_step(void *ctx, struct event_t *e, struct task_ctx *c) {
+    if (c && e->episode && c->rep_episode) {   // c: none for a kill outside a charge
+        repeat_flush(ctx, c);
+        c->rep_episode = 0;
     }
     submit(ctx, e);
 }
@@ -602,7 +622,7 @@ static __always_inline void on_charge_exit(void *ctx, s64 ret) {
             e->ret = ret;
             e->duration_ns = ns;
             memcg_counters(c->charge_memcg, e);
-            emit(ctx, e);
+            emit_step(ctx, e, c);
         }
     }
     c->charge_depth = 0;
@@ -647,7 +667,7 @@ static __always_inline void on_pc_try_charge_exit(void *ctx, u64 ok) {
     if (v) __sync_fetch_and_add(v, 1);
     else map_full_add(MAPIDX_COUNTER_FAILS);
     if (c->charge_emitted) {
-        emit(ctx, e);
+        emit_step(ctx, e, c);
         return;
     }
     u32 n = c->pend_n;
@@ -697,7 +717,7 @@ static __always_inline void on_reclaim_exit(void *ctx, u64 freed) {
         e->duration_ns = ns;
         e->caller = caller;
         memcg_counters(c->reclaim_memcg, e);
-        emit(ctx, e);
+        emit_step(ctx, e, c);
     }
     reclaim_account(cgid, caller, c->reclaim_nr, freed, ns);
     if (c->high_start)
@@ -850,7 +870,7 @@ static __always_inline void on_oom_exit(void *ctx, u64 ret) {
             if (c->rep_n >= REPEAT_FLUSH)
                 repeat_flush(ctx, c);   // an endless loop still shows progress
         } else {
-            emit(ctx, e);
+            emit_step(ctx, e, c);
             if (e->episode) {
                 c->rep_episode = e->episode;
                 c->rep_cgid = e->cgid;
@@ -909,7 +929,7 @@ static __always_inline void on_mark_victim(void *ctx, u32 victim_pid, u64 victim
     e->arg1 = vcgid;
     e->flags = ((c && c->oom_start) ? 1 : 0) | (victim ? 2 : 0);
     u64 cgid = e->cgid;
-    emit(ctx, e);
+    emit_step(ctx, e, c);
     struct oom_stat zero = {}, *s = oom_stats.lookup_or_try_init(&cgid, &zero);
     if (s)
         __sync_fetch_and_add(&s->kills, 1);
@@ -972,7 +992,7 @@ static __always_inline void on_limit_exit(void *ctx, s64 ret) {
         if (c->limit_memcg)
             memcg_counters(c->limit_memcg, e);
         e->flags = c->limit_memcg ? 1 : 0;  // counters valid
-        emit(ctx, e);
+        emit_step(ctx, e, c);
     }
     // v2 writes return the byte count on success: count them as 0
     struct limit_key k = {.cgid = cgid, .kind = c->limit_kind, .ret = ret > 0 ? 0 : (s32)ret};

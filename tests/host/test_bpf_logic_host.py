@@ -212,6 +212,29 @@ def test_identical_oom_passes_go_out_as_one_repeat(one_cpu):
         d.close()
 
 
+def test_repeats_go_before_the_episodes_next_step(one_cpu):
+    """The flush sits only at the sends that can follow an OOM step of the
+    same episode (emit_step): a reclaim after the loop (memory.high's
+    synchronous reclaim after a charge that an OOM let through) gets the
+    repeats ahead of it, and the episode's exit finds no run left."""
+    d = Drive()
+    try:
+        memcg = MEMCG + 0x64
+        d.poll()
+        d.call("charge_enter", memcg, 0xcc0, 1, 4000)
+        d.call("pc_enter", memcg + 0x100, 64, 0)
+        for _ in range(3):
+            d.call("oom_enter", memcg, 0xcc0, 0)
+            d.call("oom_exit", 1)
+        d.call("reclaim_enter", memcg, 96, 0xcc0, 2)
+        d.call("reclaim_exit", 40)
+        d.call("charge_exit", 0)
+        assert _kinds(d) == [("CHARGE_ENTER", None), ("OOM", 1), ("REPEAT", 2), ("RECLAIM", None),
+                             ("CHARGE_EXIT", None)]
+    finally:
+        d.close()
+
+
 def test_an_endless_oom_loop_still_shows_progress(one_cpu):
     d = Drive(REPEAT_FLUSH=3)
     try:
