@@ -45,6 +45,8 @@ def add_parser(sub) -> None:
                    help="cross-check each episode against the model as it is recorded; summary on stderr")
     p.add_argument("--memcg-state", action="store_true",
                    help="also count memcg:mod_memcg_lruvec_state (6.13+); it fires several times per page fault")
+    from .run_cmd import add_no_probe
+    add_no_probe(p)
     p.add_argument("--ebpf", action="store_true", help="print the BPF program this kernel gets, and exit")
     p.set_defaults(func=run)
 
@@ -137,7 +139,7 @@ def run(args) -> int:
 
     if args.ebpf:
         try:
-            print_ebpf(Session(args.mode, memcg_state=args.memcg_state))
+            print_ebpf(Session(args.mode, memcg_state=args.memcg_state, without=args.no_probe))
         except SessionError as e:
             return _fail(str(e))
         return 0
@@ -160,7 +162,7 @@ def run(args) -> int:
     stop = threading.Event()
     old = {s: signal.signal(s, lambda signum, frame: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     out = None
-    session = Session(args.mode, memcg_state=args.memcg_state)
+    session = Session(args.mode, memcg_state=args.memcg_state, without=args.no_probe)
     try:
         try:
             session.open()

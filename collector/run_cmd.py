@@ -61,8 +61,22 @@ def add_parser(sub) -> None:
     p.add_argument("--latency-sample", type=int, default=64, metavar="N",
                    help="time 1 in N fast charges (each sample counts N times in memcgscope_charge_latency_seconds; "
                         "slow charges are all timed); 1 times every charge, at two clock reads each (default 64)")
+    add_no_probe(p)
     p.add_argument("--ebpf", action="store_true", help="print the BPF program this kernel gets, and exit")
     p.set_defaults(func=run)
+
+
+def add_no_probe(p) -> None:
+    """--no-probe NAME (repeatable), as node_exporter's --no-collector.X:
+    what a footprint-minded node leaves out (run and record alike)."""
+    from memcgscope.probes.program import optional_probes
+    p.add_argument("--no-probe", action="append", default=[], metavar="NAME", dest="no_probe",
+                   choices=optional_probes(),
+                   help="leave this probe out (repeatable) with what it gives: page_charge (page charge "
+                        "counts, page_charge_fail episodes and their check), count_memcg_events "
+                        "(memcgscope_memcg_events, 6.13+), mod_memcg_state (memcgscope_memcg_state_updates, "
+                        "6.13+). The first two run on every faulted page: without both, a fault runs two "
+                        "programs (fentry, kprobe)")
 
 
 def print_ebpf(session, out=sys.stdout) -> None:
@@ -118,7 +132,7 @@ def run(args) -> int:
     if args.ebpf:
         try:
             print_ebpf(Session(args.mode, memcg_state=args.memcg_state, ringbuf_pages=args.ringbuf_pages,
-                               latency_sample=args.latency_sample))
+                               latency_sample=args.latency_sample, without=args.no_probe))
         except SessionError as e:
             return _fail(str(e))
         return 0
@@ -136,7 +150,7 @@ def run(args) -> int:
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     session = Session(args.mode, ringbuf_pages=args.ringbuf_pages, memcg_state=args.memcg_state,
-                      latency_sample=args.latency_sample)
+                      latency_sample=args.latency_sample, without=args.no_probe)
     stats = bpf_stats_enabled()   # BPF run time per program, for memcgscope_bpf_run_seconds_total
     stats.__enter__()
     server = None

@@ -66,6 +66,7 @@ class LoadParams:
     memcg_state: bool = False
     check_fentry: bool = True
     latency_sample: int = 64
+    without: tuple = ()   # probes left out (program.optional_probes)
 
 
 @dataclass
@@ -140,7 +141,8 @@ def prepare(params: LoadParams) -> Prepared:
         program = build_program(report, mode, btf, max_cgroups=params.max_cgroups,
                                 ringbuf_pages=params.ringbuf_pages, use_perf_buffer=False,
                                 fentry_check=fentry_check if mode == "fentry" and params.check_fentry else None,
-                                memcg_state=params.memcg_state, latency_sample=params.latency_sample)
+                                memcg_state=params.memcg_state, latency_sample=params.latency_sample,
+                                without=params.without)
     except ProgramError as e:
         raise LoadError(str(e)) from e
     return Prepared(report, mode, program, btf)

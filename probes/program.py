@@ -19,7 +19,8 @@ from .episodes import c_definitions
 from .targets import TRACEPOINTS
 
 __all__ = ["ProbeStatus", "Program", "build_program", "kernel_offsets", "ROLE_HANDLERS", "ProgramError",
-           "HIST_SLOTS", "source_text", "fentry_arg_reads"]
+           "HIST_SLOTS", "source_text", "fentry_arg_reads", "optional_probes", "check_without",
+           "OPTIONAL_PROBES"]
 
 SOURCE = os.path.join(os.path.dirname(__file__), "memcgscope.bpf.c")
 LAYOUT_MARK = "// @EVENT_LAYOUT@"
@@ -284,15 +285,54 @@ def _fentry_probe(parts, kprobes, finding, handler, btf, fentry_check, kprobes_o
                        f"calls that go straight to {', '.join(others)} are not seen (no BTF for clones)")
 
 
+#: the probes ``without`` (``--no-probe``) can leave out, by the names doctor
+#: and ``--ebpf`` list them under, and what goes with each.  Only these: the
+#: episodes' steps (counter failures, reclaim, OOM, kills) are what the
+#: model is checked against, so their probes stay.
+OPTIONAL_PROBES = {
+    "page_charge": "memcgscope_page_charges*, page_charge_fail episodes and their check; "
+                   "runs on every faulted page",
+    "count_memcg_events": "memcgscope_memcg_events (6.13+); runs on every faulted page",
+    "mod_memcg_state": "memcgscope_memcg_state_updates (6.13+)",
+}
+
+
+def optional_probes() -> tuple[str, ...]:
+    return tuple(OPTIONAL_PROBES)
+
+
+def check_without(without) -> frozenset:
+    """``without`` as a set of probe names, or ProgramError naming the
+    first one that is not an optional probe."""
+    names = optional_probes()
+    for name in without:
+        if name == "charge_core":
+            raise ProgramError("--no-probe charge_core: the charge core is what fentry and kprobe mode "
+                               "are for; use --mode tracepoint to probe without it")
+        if name not in names:
+            raise ProgramError(f"--no-probe {name}: not a probe that can be left out; give one of "
+                               f"{', '.join(names)} (the others make the episodes the model is checked against)")
+    return frozenset(without)
+
+
+#: why a probe left out by ``without`` is off, in its ProbeStatus
+_OFF = "off: --no-probe"
+
+
 def build_program(report: Report, mode: str, btf: BTF, *, max_cgroups: int = 4096,
                   ringbuf_pages: int = 256, use_perf_buffer: bool = False,
-                  fentry_check=None, memcg_state: bool = False, latency_sample: int = 64) -> Program:
+                  fentry_check=None, memcg_state: bool = False, latency_sample: int = 64,
+                  without=()) -> Program:
     """The program text, flags and probe list for `mode` on the kernel
     described by `report`. `fentry_check(btf_id)` -> (ok, reason) tests one
     fentry attach (probes/bpfsys.try_fentry on a live kernel).
-    `latency_sample`: 1 in N fast charges is timed (1: every one)."""
+    `latency_sample`: 1 in N fast charges is timed (1: every one).
+    `without`: probes left out (``optional_probes()``; each one a program
+    run less where it fires: the page charge and count_memcg_events fire
+    on every faulted page)."""
     if mode not in ("fentry", "kprobe", "tracepoint"):
         raise ProgramError(f"unknown mode {mode!r}; use fentry, kprobe or tracepoint")
+    without = check_without(without)
     if isinstance(latency_sample, bool) or not isinstance(latency_sample, int) or not 1 <= latency_sample <= 1 << 20:
         raise ProgramError(f"latency sample {latency_sample!r}: give an integer from 1 (time every charge) "
                            f"to {1 << 20}")
@@ -333,6 +373,10 @@ def build_program(report: Report, mode: str, btf: BTF, *, max_cgroups: int = 409
             handler = ROLE_HANDLERS.get(finding.role)
             if handler is None:
                 continue  # reported by doctor, not probed
+            if finding.role in without:
+                probes.append(ProbeStatus(finding.role, finding.symbol or "/".join(finding.names), mode, False,
+                                          f"{_OFF} {finding.role}"))
+                continue
             if not finding.present:
                 probes.append(ProbeStatus(finding.role, "/".join(finding.names), mode, False,
                                           "not in /proc/kallsyms (inlined or not built)"))
@@ -361,6 +405,9 @@ def build_program(report: Report, mode: str, btf: BTF, *, max_cgroups: int = 409
         if body is None and raw_body is None:
             continue
         if key in TRACEPOINT_ONLY and mode != "tracepoint":
+            continue
+        if tp.name in without:
+            probes.append(ProbeStatus(tp.name, tp.full_name, "tracepoint", False, f"{_OFF} {tp.name}"))
             continue
         if key in OPT_IN_TRACEPOINTS and not memcg_state:
             probes.append(ProbeStatus(tp.name, tp.full_name, "tracepoint", False,

@@ -84,7 +84,7 @@ class Session:
     def __init__(self, mode: str | None = None, *, sysroot: SysRoot | None = None,
                  report=None, max_cgroups: int = 4096, ringbuf_pages: int = 256,
                  use_perf_buffer: bool | None = None, on_episode=None, memcg_state: bool = False,
-                 latency_sample: int = 64):
+                 latency_sample: int = 64, without=()):
         self.requested_mode = mode
         self.sysroot = sysroot or SysRoot("/")
         self.report = report
@@ -98,6 +98,8 @@ class Session:
         self.memcg_state = memcg_state
         #: 1 in N fast charges timed (probes/memcgscope.bpf.c LAT_SAMPLE)
         self.latency_sample = latency_sample
+        #: probes left out (--no-probe; program.optional_probes)
+        self.without = tuple(without)
         self.program: Program | None = None
         self.mode: str | None = None
         self._probes: list[ProbeStatus] = []
@@ -149,7 +151,7 @@ class Session:
         return _loader.LoadParams(mode=self.requested_mode, sysroot=self.sysroot.root, report=self.report,
                                   max_cgroups=self.max_cgroups, ringbuf_pages=self.ringbuf_pages,
                                   memcg_state=self.memcg_state, check_fentry=check_fentry,
-                                  latency_sample=self.latency_sample)
+                                  latency_sample=self.latency_sample, without=self.without)
 
     def build(self, *, check_fentry: bool = True) -> Program:
         """Detects the kernel and builds the program for the mode, without

@@ -4,7 +4,7 @@ run: rounds alternate bare / probed so drift hits both alike. Prints
 ns per faulted page and the ratio (probed / bare) per mode. Root.
 
     python tests/bench/bench_probes.py [--modes tracepoint,kprobe,fentry]
-                                       [--rounds 5] [--iters 200]
+                                       [--rounds 5] [--iters 200] [--lean]
 
 Targets on real hardware, worst case: fentry and tracepoint < 1.03,
 kprobe < 1.08. Under QEMU TCG (the VM tier) every instruction is emulated,
@@ -46,6 +46,9 @@ def build(tmp: str) -> str:
 
 
 PIN: list[str] = []  # ["taskset", "-c", "N"] with --cpu N
+#: what --lean leaves out: the probes that run on every faulted page besides
+#: the charge core (run --no-probe)
+LEAN = ("page_charge", "count_memcg_events")
 
 
 def one_run(cg: ScratchCgroup, exe: str, iters: int) -> float:
@@ -154,22 +157,31 @@ def _add(total: dict, d: dict) -> None:
         total[k] = (a + ns, b + n)
 
 
+def configs(modes: list[str], without: list[str]) -> list[tuple[str, str, tuple]]:
+    """(label, mode, probes left out) per measurement: each mode as is and,
+    with ``without``, each mode again without those probes ("MODE lean")."""
+    out = [(m, m, ()) for m in modes]
+    if without:
+        out += [(f"{m} lean", m, tuple(without)) for m in modes]
+    return out
+
+
 def measure(modes: list[str], rounds: int, iters: int, memcg_state: bool = False,
-            empties: bool = True) -> dict[str, dict]:
-    """mode -> medians of bare and probed ns/page and of the per-round
-    ratios, and per program its runs and ns per run, with the empty
-    program of its attach type beside it. Each round runs probed, bare
-    (probes detached, programs still loaded) and, with ``empties``, with
-    only the empty programs attached, back to back, so machine noise hits
-    all alike."""
+            empties: bool = True, without: list[str] = ()) -> dict[str, dict]:
+    """label (``configs``) -> medians of bare and probed ns/page and of the
+    per-round ratios, and per program its runs and ns per run, with the
+    empty program of its attach type beside it. Each round runs probed,
+    bare (probes detached, programs still loaded) and, with ``empties``,
+    with only the empty programs attached, back to back, so machine noise
+    hits all alike."""
     out = {}
     with tempfile.TemporaryDirectory() as tmp, ScratchCgroup("bench", "512M") as cg:
         exe = build(tmp)
         one_run(cg, exe, max(1, iters // 10))  # warm up page tables and caches
-        for mode in modes:
+        for label, mode, left_out in configs(modes, list(without)):
             bare, probed, ratios = [], [], []
             per_prog, per_empty = {}, {}
-            with Session(mode, memcg_state=memcg_state) as s, bpf_stats():
+            with Session(mode, memcg_state=memcg_state, without=left_out) as s, bpf_stats():
                 kinds = {prog: (kind, target) for kind, target, prog in s.attachments()}
                 empty = None
                 if empties:
@@ -207,7 +219,7 @@ def measure(modes: list[str], rounds: int, iters: int, memcg_state: bool = False
                                  "ns_per_run": ns / n if n else None,
                                  "empty_ns_per_run": ens / en if en else None})
             bpf_ns = sum(ns for ns, _ in per_prog.values())
-            out[mode] = {"bare": statistics.median(bare), "probed": statistics.median(probed),
+            out[label] = {"bare": statistics.median(bare), "probed": statistics.median(probed),
                          "bpf_ns_per_page": bpf_ns / pages,
                          "runs_per_page": sum(n for _, n in per_prog.values()) / pages, "programs": programs,
                          "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
@@ -222,12 +234,16 @@ def main(argv=None) -> int:
     ap.add_argument("--memcg-state", action="store_true", help="also the per-page memcg:mod_memcg_lruvec_state")
     ap.add_argument("--cpu", type=int, help="pin the workload to this CPU (less noise from migrations)")
     ap.add_argument("--no-empty", action="store_true", help="skip the empty-program baseline rounds")
+    ap.add_argument("--lean", action="store_true",
+                    help="also measure each probe mode without the per-page probes memcgscope run can leave "
+                         "out (--no-probe page_charge --no-probe count_memcg_events), in the same run")
     args = ap.parse_args(argv)
     if args.cpu is not None:
         PIN[:] = ["taskset", "-c", str(args.cpu)]
     report = detect()
     modes = args.modes.split(",") if args.modes else [m for m, v in report.modes.items() if v.usable]
-    results = measure(modes, args.rounds, args.iters, args.memcg_state, empties=not args.no_empty)
+    results = measure(modes, args.rounds, args.iters, args.memcg_state, empties=not args.no_empty,
+                      without=LEAN if args.lean else ())
     print(f"kernel {report.kernel}, {os.cpu_count()} CPUs, {args.rounds} rounds of {args.iters} x 4 MiB"
           + (", with --memcg-state" if args.memcg_state else ""))
     print(f"{'mode':<11} {'bare ns/page':>13} {'probed ns/page':>15} {'ratio':>7} {'(min-max)':>14} "

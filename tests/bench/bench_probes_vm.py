@@ -3,7 +3,7 @@ the kprobe and fentry modes this host cannot load. Root, QEMU.
 
     python tests/bench/bench_probes_vm.py [--guests debian-6.1-v2,debian-7.3-v2]
                                           [--modes kprobe,fentry] [--rounds 5] [--iters 50]
-                                          [--baseline-ref REF]
+                                          [--baseline-ref REF] [--lean]
 
 --baseline-ref REF: in the same boot, the same benchmark script (this
 checkout's) also measures the code of git REF, unpacked below the checkout
@@ -48,12 +48,15 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--baseline-ref", metavar="REF", help="also measure git REF's code in the same boot")
+    ap.add_argument("--lean", action="store_true", help="bench_probes.py --lean: each mode also without the "
+                                                        "per-page probes run --no-probe can leave out")
     args = ap.parse_args(argv)
     by_name = {g.name: g for g in GUESTS}
     unknown = [n for n in args.guests.split(",") if n not in by_name]
     if unknown:
         ap.error(f"--guests: no guest {unknown[0]!r}; guests: {', '.join(by_name)}")
-    bench_args = f"--modes {shlex.quote(args.modes)} --rounds {args.rounds} --iters {args.iters}"
+    bench_args = (f"--modes {shlex.quote(args.modes)} --rounds {args.rounds} --iters {args.iters}"
+                  + (" --lean" if args.lean else ""))
     tmp = baseline = None
     if args.baseline_ref:
         import bench_rss

@@ -194,3 +194,17 @@ def test_bench_probes_runs_with_its_empty_baseline():
     assert ran and r["runs_per_page"] >= 1, r
     for p in ran:
         assert p["ns_per_run"] and p["empty_ns_per_run"], p
+
+
+def test_bench_probes_lean_leaves_the_per_page_tracepoint_out():
+    """bench_probes --lean beside the default set, one tiny round: without
+    count_memcg_events (6.13+: every faulted page counts PGFAULT through
+    it) a fault runs about one program less, and that program is gone."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    import bench_probes
+    r = bench_probes.measure(["tracepoint"], rounds=1, iters=4, without=bench_probes.LEAN, empties=False)
+    full, lean = r["tracepoint"], r["tracepoint lean"]
+    on = {p["target"] for p in full["programs"] if p["runs_per_page"]}
+    assert "count_memcg_events" in on, full["programs"]
+    assert "count_memcg_events" not in {p["target"] for p in lean["programs"]}, lean["programs"]
+    assert lean["runs_per_page"] < full["runs_per_page"] - 0.9, (full["runs_per_page"], lean["runs_per_page"])

@@ -51,3 +51,14 @@ def test_the_vm_bench_measures_both_trees_in_one_boot():
     assert "PYTHONPATH=/repo/.b/pkg" in both and "=== 87adc53 ===" in both
     with pytest.raises(SystemExit):
         bench_probes_vm.main(["--guests", "no-such-guest"])
+
+
+def test_lean_measures_each_probe_mode_again_without_the_per_page_probes():
+    assert bench_probes.configs(["tracepoint", "fentry"], []) == [("tracepoint", "tracepoint", ()),
+                                                                  ("fentry", "fentry", ())]
+    lean = bench_probes.configs(["tracepoint", "kprobe"], list(bench_probes.LEAN))
+    assert lean[-1] == ("kprobe lean", "kprobe", ("page_charge", "count_memcg_events"))
+    assert [c[0] for c in lean] == ["tracepoint", "kprobe", "tracepoint lean", "kprobe lean"]
+    # what --lean leaves out is what run --no-probe can
+    from memcgscope.probes.program import optional_probes
+    assert set(bench_probes.LEAN) <= set(optional_probes())

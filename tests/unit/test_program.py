@@ -157,3 +157,42 @@ def test_run_refuses_a_latency_sample_out_of_range(capsys):
     assert main(["run", "--latency-sample", "0"]) == 2
     err = capsys.readouterr().err
     assert "--latency-sample 0" in err and "from 1" in err and len(err.strip().splitlines()) == 1
+
+
+def test_no_probe_leaves_the_per_page_probes_out():
+    """--no-probe page_charge --no-probe count_memcg_events: a faulted page
+    runs the charge core's entry and exit only (two programs); the probes
+    left out say why, and everything else is as before."""
+    full = build_program(report("debian-6.12-v2"), "kprobe", FakeBTF())
+    lean = build_program(report("debian-6.12-v2"), "kprobe", FakeBTF(),
+                         without=("page_charge", "count_memcg_events"))
+    assert [k for k in lean.kprobes if k[0] == "__mem_cgroup_charge"] == []
+    assert [k for k in full.kprobes if k[0] == "__mem_cgroup_charge"] != []
+    assert set(full.kprobes) - set(lean.kprobes) == {("__mem_cgroup_charge", "kp_page_charge_exit", True)}
+    off = {p.role: p.reason for p in lean.probes if not p.attached}
+    assert off["page_charge"] == "off: --no-probe page_charge"
+    fentry = build_program(report("debian-6.12-v2"), "fentry", FakeBTF(), fentry_check=lambda i: (True, ""),
+                           without=("page_charge",))
+    assert "KRETFUNC_PROBE(__mem_cgroup_charge)" not in fentry.text.split("wrappers for mode")[1]
+    host = build_program(report("host-6.18-v1"), "tracepoint", FakeBTF(), without=["count_memcg_events"])
+    assert "RAW_TRACEPOINT_PROBE(count_memcg_events)" not in host.text
+    assert "RAW_TRACEPOINT_PROBE(mod_memcg_state)" in host.text
+    assert {p.target: p.reason for p in host.probes if not p.attached}["memcg:count_memcg_events"] \
+        == "off: --no-probe count_memcg_events"
+
+
+def test_no_probe_refuses_the_probes_episodes_are_made_of():
+    for name, says in (("charge_core", "--mode tracepoint"), ("memcg_reclaim", "not a probe that can be left out"),
+                       ("page_counter_try_charge", "page_charge, count_memcg_events, mod_memcg_state")):
+        with pytest.raises(ProgramError, match=f"--no-probe {name}: .*{says}"):
+            build_program(report("debian-6.12-v2"), "kprobe", FakeBTF(), without=(name,))
+
+
+def test_run_and_record_refuse_an_unknown_no_probe(capsys):
+    from memcgscope.collector.cli import main
+    for cmd in (["run"], ["record", "--out", "/tmp/x.jsonl"]):
+        with pytest.raises(SystemExit) as exc:
+            main(cmd + ["--no-probe", "memcg_oom"])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "--no-probe: invalid choice: 'memcg_oom'" in err[-1] and "page_charge" in err[-1], err
