@@ -275,7 +275,8 @@ class CgroupLimiter:
 
     def label(self, path: str) -> str:
         with self._lock:
-            self._expire()
+            if self._leaving:     # nothing to expire: no clock read (once per episode)
+                self._expire()
             if path in self._slots:
                 return path
             if self.max_cgroups is None or len(self._slots) < self.max_cgroups:

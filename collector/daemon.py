@@ -152,21 +152,20 @@ class Daemon:
     # --- episodes (main loop) -------------------------------------------------------
 
     def handle(self, episode, *, retry: bool = False) -> None:
-        d = episode.to_json() if hasattr(episode, "to_json") else episode
+        d = episode if type(episode) is dict else episode.to_json()
+        path, label = self.watch.observe(d["cgroup_id"])
+        # one lock per episode: the total and, when it is watched, its count
         with self._lock:
             if not retry:
                 self._total += 1
-        path, label = self.watch.observe(d["cgroup_id"])
-        if path is None:
-            if retry or len(self._pending) >= self.MAX_PENDING:
-                with self._lock:
+            if path is None:
+                if retry or len(self._pending) >= self.MAX_PENDING:
                     self._unresolved += 1
-            else:
-                self._pending.append(d)
-            return
-        if label is None:
-            return   # --cgroup does not watch it
-        with self._lock:
+                else:
+                    self._pending.append(d)
+                return
+            if label is None:
+                return   # --cgroup does not watch it
             self._episodes[(label, d["kind"])] += 1
         d["cgroup"] = path
         if self.pipeline is not None:

@@ -4,7 +4,7 @@ collector/README.md, section "Cross-check", documents every reason."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 __all__ = ["REASONS", "CHECKS", "Divergence", "CheckResult", "Mismatch", "BadInput",
            "CHECK_OF_KIND"]
@@ -59,18 +59,34 @@ class Divergence:
     episode: dict | None = None
 
 
-@dataclass
 class CheckResult:
-    checks: list = field(default_factory=list)        # [(check, verdict)]
-    divergences: list = field(default_factory=list)   # [Divergence]
-    #: memory events the model raised replaying this episode: {(cgroup_id, name): n}
-    events: dict = field(default_factory=dict)
-    #: counter failures seen: {(cgroup_id, counter): n}
-    failures: dict = field(default_factory=dict)
-    #: OOM kills seen (all attributed to the cgroup whose OOM ran)
-    kills: int = 0
-    #: of those, the kills whose victim's own cgroup is known: {cgroup_id: n}
-    victims: dict = field(default_factory=dict)
+    """What checking one episode (or one window) found.  A plain class with
+    slots, not a dataclass: one is made per episode, and five
+    default_factory calls cost twice this __init__ (bench_collector.py)."""
+    __slots__ = ("checks", "divergences", "events", "failures", "kills", "victims")
+
+    def __init__(self, checks=None, divergences=None, events=None, failures=None, kills: int = 0,
+                 victims=None):
+        self.checks: list = [] if checks is None else checks                # [(check, verdict)]
+        self.divergences: list = [] if divergences is None else divergences  # [Divergence]
+        #: memory events the model raised replaying this episode: {(cgroup_id, name): n}
+        self.events: dict = {} if events is None else events
+        #: counter failures seen: {(cgroup_id, counter): n}
+        self.failures: dict = {} if failures is None else failures
+        #: OOM kills seen (all attributed to the cgroup whose OOM ran)
+        self.kills = kills
+        #: of those, the kills whose victim's own cgroup is known: {cgroup_id: n}
+        self.victims: dict = {} if victims is None else victims
+
+    def __repr__(self) -> str:
+        return (f"CheckResult(checks={self.checks!r}, divergences={self.divergences!r}, "
+                f"events={self.events!r}, failures={self.failures!r}, kills={self.kills!r}, "
+                f"victims={self.victims!r})")
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, CheckResult):
+            return NotImplemented
+        return all(getattr(self, k) == getattr(other, k) for k in self.__slots__)
 
     @property
     def ok(self) -> bool:
