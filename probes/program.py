@@ -316,7 +316,7 @@ def check_without(without) -> frozenset:
 
 
 #: why a probe left out by ``without`` is off, in its ProbeStatus
-_OFF = "off: --no-probe"
+_OFF = "left out by --no-probe"
 
 
 def build_program(report: Report, mode: str, btf: BTF, *, max_cgroups: int = 4096,

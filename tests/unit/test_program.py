@@ -170,7 +170,7 @@ def test_no_probe_leaves_the_per_page_probes_out():
     assert [k for k in full.kprobes if k[0] == "__mem_cgroup_charge"] != []
     assert set(full.kprobes) - set(lean.kprobes) == {("__mem_cgroup_charge", "kp_page_charge_exit", True)}
     off = {p.role: p.reason for p in lean.probes if not p.attached}
-    assert off["page_charge"] == "off: --no-probe page_charge"
+    assert off["page_charge"] == "left out by --no-probe page_charge"
     fentry = build_program(report("debian-6.12-v2"), "fentry", FakeBTF(), fentry_check=lambda i: (True, ""),
                            without=("page_charge",))
     assert "KRETFUNC_PROBE(__mem_cgroup_charge)" not in fentry.text.split("wrappers for mode")[1]
@@ -178,7 +178,7 @@ def test_no_probe_leaves_the_per_page_probes_out():
     assert "RAW_TRACEPOINT_PROBE(count_memcg_events)" not in host.text
     assert "RAW_TRACEPOINT_PROBE(mod_memcg_state)" in host.text
     assert {p.target: p.reason for p in host.probes if not p.attached}["memcg:count_memcg_events"] \
-        == "off: --no-probe count_memcg_events"
+        == "left out by --no-probe count_memcg_events"
 
 
 def test_no_probe_refuses_the_probes_episodes_are_made_of():
