@@ -69,14 +69,12 @@ def add_parser(sub) -> None:
 def add_no_probe(p) -> None:
     """--no-probe NAME (repeatable), as node_exporter's --no-collector.X:
     what a footprint-minded node leaves out (run and record alike)."""
-    from memcgscope.probes.program import optional_probes
+    from memcgscope.probes.program import OPTIONAL_PROBES
+    gives = "; ".join(f"{name}: {what}" for name, what in OPTIONAL_PROBES.items())
     p.add_argument("--no-probe", action="append", default=[], metavar="NAME", dest="no_probe",
-                   choices=optional_probes(),
-                   help="leave this probe out (repeatable) with what it gives: page_charge (page charge "
-                        "counts, page_charge_fail episodes and their check), count_memcg_events "
-                        "(memcgscope_memcg_events, 6.13+), mod_memcg_state (memcgscope_memcg_state_updates, "
-                        "6.13+). The first two run on every faulted page: without both, a fault runs two "
-                        "programs (fentry, kprobe)")
+                   choices=tuple(OPTIONAL_PROBES),
+                   help=f"leave this probe out (repeatable) with what it gives ({gives}). Without the two "
+                        "that run on every faulted page a fault runs two programs (fentry, kprobe)")
 
 
 def print_ebpf(session, out=sys.stdout) -> None:
